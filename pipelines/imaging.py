@@ -1,0 +1,261 @@
+"""Decode and resize: the one home of how a raw image file becomes model pixels.
+
+Pure functions over bytes and numpy arrays, no I/O. The Beam pipeline calls
+`process_image`; the serving graph (`pipelines/imaging_tf.py`) is a TensorFlow
+port of the same steps, held to these functions by a parity test.
+
+Steps, in order (each mirrored in the serving graph):
+1. Read the header only and refuse declared sizes over `max_pixels` before any
+   pixel is allocated (decompression bombs).
+2. For JPEG, let libjpeg decode at a reduced DCT scale (`draft`) when the target
+   is much smaller: the same antialiasing the resize does, 2-4x cheaper.
+3. Apply the EXIF orientation, so pixels are upright as a person sees them.
+4. Convert to 8-bit RGB: alpha is dropped (as `tf.io.decode_image` does), 16-bit
+   gray is scaled, palettes are expanded, CMYK/YCCK converted.
+5. Resize antialiased (bilinear with a widened support, i.e. `tf.image.resize(...,
+   antialias=True)`) with one of three modes, see `ResizeMode`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import io
+import struct
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+# Files users have: what PIL must be able to open. Everything else is refused
+# before decode, so a crafted TIFF or PSD never reaches a decoder we did not ask for.
+SOURCE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")  # JPEG also opens MPO
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".webp")
+DEFAULT_MAX_PIXELS = 100_000_000  # 10k x 10k; a 40000x40000 bomb declares 1.6e9
+
+Image.init()  # register every plugin now, so `formats=` can name MPO
+# Truncated files are errors, not silently grey-filled images.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# We enforce our own limit before decoding; PIL's own check would only warn.
+Image.MAX_IMAGE_PIXELS = None
+
+_EXIF_ORIENTATION_TAG = 0x0112
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # orientations that swap width and height
+
+
+class ResizeMode(enum.StrEnum):
+    """How the source aspect ratio meets the target.
+
+    SQUASH (default): stretch to the target. Nothing is cut, no bars are added,
+    and it is what `tf.keras.utils.image_dataset_from_directory` does, so a model
+    trained before on that loader sees the same geometry.
+    CROP: scale the shorter side to the target, then take the centre.
+    PAD: scale the longer side to the target, then pad with black, centred.
+    """
+
+    SQUASH = "squash"
+    CROP = "crop"
+    PAD = "pad"
+
+
+class ImageFormat(enum.StrEnum):
+    """How the shards store pixels."""
+
+    JPEG = "jpeg"
+    PNG = "png"
+    RAW = "raw"  # uint8 HxWx3, row-major
+
+
+class DecodeError(ValueError):
+    """A file that is not a usable image. `reason` is a short stable code."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSpec:
+    """Target geometry and storage of the written images."""
+
+    height: int
+    width: int
+    resize: ResizeMode = ResizeMode.SQUASH
+    image_format: ImageFormat = ImageFormat.JPEG
+    jpeg_quality: int = 95
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessedImage:
+    """What one source file becomes: stored bytes plus what we learned decoding it."""
+
+    encoded: bytes
+    height: int
+    width: int
+    original_height: int  # upright, after EXIF orientation
+    original_width: int
+    source_format: str  # PIL's name: JPEG, PNG, ...
+
+
+def open_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Parses only the header of `data`; raises DecodeError for non-images and bombs."""
+    if not data:
+        raise DecodeError("empty_file")
+    try:
+        image = Image.open(io.BytesIO(data), formats=SOURCE_FORMATS)
+    except UnidentifiedImageError as err:
+        raise DecodeError("not_an_image", str(err)) from err
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's header parsers raise these
+        raise DecodeError("bad_header", str(err)) from err
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise DecodeError("bad_header", f"declared size {width}x{height}")
+    if width * height > max_pixels:
+        raise DecodeError("too_many_pixels", f"declares {width}x{height} > {max_pixels} pixels")
+    return image
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """EXIF orientation 1..8 of an opened image (1 when absent or unreadable)."""
+    try:
+        value = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+    except (OSError, SyntaxError, ValueError, struct.error):
+        return 1  # a broken EXIF block must not cost the image its pixels
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def decode_rgb(
+    data: bytes,
+    draft_size: tuple[int, int] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[np.ndarray, str, tuple[int, int]]:
+    """Decodes `data` to an upright uint8 RGB array.
+
+    Args:
+      data: the encoded file.
+      draft_size: (height, width) the caller will resize to; lets JPEG decode at
+        a reduced DCT scale that still covers it. None decodes at full size.
+      max_pixels: refuse images declaring more pixels than this.
+    Returns:
+      (pixels HxWx3 uint8, source format name, (original_height, original_width)
+      upright, at full resolution).
+    """
+    image = open_header(data, max_pixels)
+    source_format = image.format or "UNKNOWN"
+    orientation = exif_orientation(image)
+    transposed = orientation in _TRANSPOSING_ORIENTATIONS
+    full_w, full_h = image.size
+    if draft_size is not None and source_format in ("JPEG", "MPO"):
+        want_h, want_w = draft_size
+        image.draft("RGB", (want_h, want_w) if transposed else (want_w, want_h))
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise DecodeError("corrupt_data", str(err)) from err
+    image = _to_rgb(image)
+    if orientation != 1:
+        image = image.transpose(_ORIENTATION_TRANSPOSE[orientation])
+    original = (full_w, full_h) if transposed else (full_h, full_w)
+    return np.asarray(image, dtype=np.uint8), source_format, original
+
+
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB, the way `tf.io.decode_image(channels=3)` reads the same file."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        wide = np.asarray(image, dtype=np.uint32)
+        # 16 bits map to 8 by the top byte, as libpng's strip_16 (and TF) do.
+        image = Image.fromarray((wide >> 8).clip(0, 255).astype(np.uint8), mode="L")
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA"):
+        # Alpha is dropped, not composited: TF's decoders do the same, so the
+        # serving graph sees the colours training saw.
+        image = image.convert("RGBA")
+        return Image.merge("RGB", image.split()[:3])
+    return image.convert("RGB")
+
+
+def resize_geometry(
+    source_hw: tuple[int, int], target_hw: tuple[int, int], mode: ResizeMode
+) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """Where the source lands in the target.
+
+    Returns ((scaled_h, scaled_w), (top, left, bottom, right)): the size the source
+    is resized to, and for CROP the window kept from it / for PAD the offsets at
+    which it is placed in the target (bottom/right exclusive). Shared with the
+    serving graph so both cut and pad identically.
+    """
+    src_h, src_w = source_hw
+    dst_h, dst_w = target_hw
+    if mode is ResizeMode.SQUASH:
+        return (dst_h, dst_w), (0, 0, dst_h, dst_w)
+    scale = max(dst_h / src_h, dst_w / src_w) if mode is ResizeMode.CROP else min(
+        dst_h / src_h, dst_w / src_w
+    )
+    scaled_h = max(1, round(src_h * scale))
+    scaled_w = max(1, round(src_w * scale))
+    if mode is ResizeMode.CROP:
+        scaled_h, scaled_w = max(scaled_h, dst_h), max(scaled_w, dst_w)
+        top, left = (scaled_h - dst_h) // 2, (scaled_w - dst_w) // 2
+        return (scaled_h, scaled_w), (top, left, top + dst_h, left + dst_w)
+    scaled_h, scaled_w = min(scaled_h, dst_h), min(scaled_w, dst_w)
+    top, left = (dst_h - scaled_h) // 2, (dst_w - scaled_w) // 2
+    return (scaled_h, scaled_w), (top, left, top + scaled_h, left + scaled_w)
+
+
+def resize(pixels: np.ndarray, target_hw: tuple[int, int], mode: ResizeMode) -> np.ndarray:
+    """Antialiased bilinear resize of HxWx3 uint8 `pixels` to `target_hw` by `mode`."""
+    (scaled_h, scaled_w), (top, left, bottom, right) = resize_geometry(
+        pixels.shape[:2], target_hw, mode
+    )
+    image = Image.fromarray(pixels)
+    if (scaled_h, scaled_w) != pixels.shape[:2]:
+        image = image.resize((scaled_w, scaled_h), Image.Resampling.BILINEAR)
+    if mode is ResizeMode.CROP:
+        return np.asarray(image.crop((left, top, right, bottom)))
+    if mode is ResizeMode.PAD:
+        canvas = np.zeros((*target_hw, 3), dtype=np.uint8)
+        canvas[top:bottom, left:right] = np.asarray(image)
+        return canvas
+    return np.asarray(image)
+
+
+def encode(pixels: np.ndarray, image_format: ImageFormat, jpeg_quality: int = 95) -> bytes:
+    """Stores HxWx3 uint8 `pixels` as `image_format` bytes (deterministic)."""
+    if image_format is ImageFormat.RAW:
+        return np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+    buffer = io.BytesIO()
+    image = Image.fromarray(pixels)
+    if image_format is ImageFormat.JPEG:
+        # 4:4:4 keeps colour edges of small images; optimize=False keeps it fast.
+        image.save(buffer, format="JPEG", quality=jpeg_quality, subsampling=0)
+    else:
+        image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def process_image(data: bytes, spec: ImageSpec) -> ProcessedImage:
+    """Source file bytes -> stored image bytes at `spec`. Raises DecodeError."""
+    target = (spec.height, spec.width)
+    pixels, source_format, (orig_h, orig_w) = decode_rgb(data, target, spec.max_pixels)
+    resized = resize(pixels, target, spec.resize)
+    return ProcessedImage(
+        encoded=encode(resized, spec.image_format, spec.jpeg_quality),
+        height=spec.height,
+        width=spec.width,
+        original_height=orig_h,
+        original_width=orig_w,
+        source_format=source_format,
+    )

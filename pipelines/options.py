@@ -1,0 +1,205 @@
+"""Command-line options of the preprocessing job, parsed into a frozen config.
+
+Our flags go to `PreprocessConfig`; every other flag must be a Beam pipeline
+option and goes to `PipelineOptions` untouched. Mistakes end in a one-line
+message (`UsageError`), not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Sequence
+
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    PipelineOptions,
+    StandardOptions,
+)
+
+from pipelines.imaging import DEFAULT_MAX_PIXELS, ImageFormat, ImageSpec, ResizeMode
+
+DEFAULT_SPLITS = (("train", 0.8), ("validation", 0.1), ("test", 0.1))
+# TFRecord guidance: files of 100 MB+ read efficiently; TFDS keeps 64 MiB-1 GiB.
+DEFAULT_SHARD_SIZE_MB = 128
+DEFAULT_SPLIT_SALT = "imagebeam-split-v1"
+
+
+class UsageError(ValueError):
+    """A mistake in how the command was called; its message is shown as is."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything the pipeline needs to know, fixed before it is built."""
+
+    output: str
+    input: str | None = None
+    labels_csv: str | None = None
+    image: ImageSpec = ImageSpec(224, 224)
+    splits: tuple[tuple[str, float], ...] = DEFAULT_SPLITS
+    num_shards: int | None = None  # train shards; None = sized by shard_size_mb
+    shard_size_mb: float = DEFAULT_SHARD_SIZE_MB
+    split_salt: str = DEFAULT_SPLIT_SALT
+    overwrite: bool = False
+    progress: bool = True
+
+    def to_json(self) -> dict:
+        """The config as it is recorded in the manifest."""
+        image = dataclasses.asdict(self.image)
+        image["resize"] = self.image.resize.value
+        image["image_format"] = self.image.image_format.value
+        return {
+            "input": self.input,
+            "labels_csv": self.labels_csv,
+            "image": image,
+            "splits": dict(self.splits),
+            "num_shards": self.num_shards,
+            "shard_size_mb": self.shard_size_mb,
+            "split_salt": self.split_salt,
+        }
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """'224' -> (224, 224); '224,160' -> (height 224, width 160)."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise UsageError(f"--image_size wants N or HEIGHT,WIDTH (positive integers), got {text!r}")
+    height = int(parts[0])
+    width = int(parts[-1])
+    if max(height, width) > 4096:
+        raise UsageError(f"--image_size {text} is over 4096 pixels a side")
+    return height, width
+
+
+def parse_splits(text: str) -> tuple[tuple[str, float], ...]:
+    """'train=0.8,validation=0.1,test=0.1' -> ordered (name, fraction) pairs summing to 1."""
+    splits = []
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        try:
+            fraction = float(value)
+        except ValueError:
+            fraction = -1.0
+        if not sep or not name.isidentifier() or not 0 < fraction <= 1:
+            raise UsageError(
+                f"--splits wants name=fraction,... with fractions in (0, 1], got {item!r}"
+            )
+        splits.append((name, fraction))
+    names = [name for name, _ in splits]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--splits names a split twice: {text!r}")
+    if abs(sum(f for _, f in splits) - 1.0) > 1e-6:
+        raise UsageError(f"--splits fractions must sum to 1, got {sum(f for _, f in splits):g}")
+    return tuple(splits)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.preprocess",
+        description="Raw images (local folder or gs:// prefix, one folder per class, or a "
+        "uri,label CSV) -> deduplicated, split, shuffled TFRecord shards + manifest.json. "
+        "Flags not listed here are passed to Beam (e.g. --runner DataflowRunner).",
+    )
+    parser.add_argument("--input", help="folder or gs:// prefix laid out as <label>/<file>")
+    parser.add_argument("--labels", dest="labels_csv", help="CSV of uri,label rows "
+                        "(uris absolute or relative to the CSV; several rows = several labels)")
+    parser.add_argument("--output", required=True, help="output folder or gs:// prefix")
+    parser.add_argument("--image_size", default="224", help="N or HEIGHT,WIDTH (default 224)")
+    parser.add_argument("--resize", choices=[m.value for m in ResizeMode], default="squash",
+                        help="squash (default: keeps everything, as Keras' loader), crop, pad")
+    parser.add_argument("--splits", default="train=0.8,validation=0.1,test=0.1")
+    parser.add_argument("--num_shards", type=int, help="train shards (others scaled, >= 1)")
+    parser.add_argument("--shard_size_mb", type=float, default=DEFAULT_SHARD_SIZE_MB,
+                        help=f"target shard size when --num_shards is not set "
+                        f"(default {DEFAULT_SHARD_SIZE_MB})")
+    parser.add_argument("--image_format", choices=[f.value for f in ImageFormat], default="jpeg",
+                        help="what the shards store (default jpeg)")
+    parser.add_argument("--jpeg_quality", type=int, default=95)
+    parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="refuse images declaring more pixels (decompression bombs)")
+    parser.add_argument("--split_salt", default=DEFAULT_SPLIT_SALT,
+                        help="salt of the content hash that picks splits; change it to reshuffle")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a complete earlier output at --output")
+    parser.add_argument("--no_progress", dest="progress", action="store_false")
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> tuple[PreprocessConfig, PipelineOptions]:
+    """Splits argv into our config and Beam's options. Raises UsageError."""
+    parser = _parser()
+    known, beam_args = parser.parse_known_args(list(argv))
+    _reject_unknown_beam_flags(beam_args)
+    if not known.input and not known.labels_csv:
+        raise UsageError("give --input (a folder or gs:// prefix) or --labels (a CSV)")
+    if known.num_shards is not None and known.num_shards < 1:
+        raise UsageError("--num_shards must be at least 1")
+    if known.shard_size_mb <= 0:
+        raise UsageError("--shard_size_mb must be positive")
+    if not 1 <= known.jpeg_quality <= 100:
+        raise UsageError("--jpeg_quality must be in 1..100")
+    height, width = parse_image_size(known.image_size)
+    config = PreprocessConfig(
+        output=known.output.rstrip("/"),
+        input=known.input.rstrip("/") if known.input else None,
+        labels_csv=known.labels_csv,
+        image=ImageSpec(
+            height=height,
+            width=width,
+            resize=ResizeMode(known.resize),
+            image_format=ImageFormat(known.image_format),
+            jpeg_quality=known.jpeg_quality,
+            max_pixels=known.max_pixels,
+        ),
+        splits=parse_splits(known.splits),
+        num_shards=known.num_shards,
+        shard_size_mb=known.shard_size_mb,
+        split_salt=known.split_salt,
+        overwrite=known.overwrite,
+        progress=known.progress,
+    )
+    return config, beam_options(beam_args)
+
+
+def beam_options(beam_args: Sequence[str]) -> PipelineOptions:
+    """Beam options with our local default: the DirectRunner on every core."""
+    options = PipelineOptions(list(beam_args))
+    standard = options.view_as(StandardOptions)
+    if standard.runner is None:
+        standard.runner = "DirectRunner"
+    if standard.runner in ("DirectRunner", "direct", "PrismRunner") and not _has_flag(
+        beam_args, "--direct_running_mode"
+    ):
+        direct = options.view_as(DirectOptions)
+        direct.direct_running_mode = "multi_processing"
+        direct.direct_num_workers = os.cpu_count() or 1
+    return options
+
+
+def _has_flag(args: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def _reject_unknown_beam_flags(beam_args: Sequence[str]) -> None:
+    """Beam only warns about flags it does not know; a typo must not pass silently."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for cls in _all_subclasses(PipelineOptions):
+        try:
+            cls._add_argparse_args(parser)
+        except argparse.ArgumentError:
+            continue  # two option classes declaring one flag
+    _, unknown = parser.parse_known_args(list(beam_args))
+    flags = [a for a in unknown if a.startswith("-")]
+    if flags or unknown:
+        raise UsageError(f"unknown option(s): {' '.join(unknown)} (see --help)")
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    found = []
+    for sub in cls.__subclasses__():
+        found.append(sub)
+        found.extend(_all_subclasses(sub))
+    return found

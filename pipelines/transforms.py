@@ -1,0 +1,305 @@
+"""The Beam steps of the preprocessing job: thin DoFns around the pure functions.
+
+Shape of the data between steps:
+  SourceFile                      (uri, labels) from the listing
+  -> DecodeSources  -> DecodedImage | ErrorRow     one per readable / unreadable file
+  -> MergeDuplicates -> UniqueImage                one per distinct content (sha256)
+  -> PlanShards     -> ShardPlan                   (split, shard index, [UniqueImage])
+  -> WriteShards    -> ShardInfo                   one per written TFRecord file
+Only small metadata crosses a shuffle; pixels travel through spill files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+
+import apache_beam as beam
+from apache_beam.io.filesystem import BeamIOError
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.tfrecordio import _TFRecordUtil
+from apache_beam.metrics import Metrics
+
+from pipelines import records, splits
+from pipelines.imaging import DecodeError, ImageSpec, process_image
+from pipelines.options import PreprocessConfig
+from pipelines.progress import WorkerCounter
+from pipelines.sources import SourceFile
+from pipelines.spill import SpillRef, SpillWriter, read_spilled
+
+NAMESPACE = "preprocess"
+ERRORS_TAG = "errors"
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedImage:
+    """One source file that decoded; its stored bytes wait in a spill file."""
+
+    sha256: str  # of the source file's bytes
+    uri: str
+    labels: tuple[str, ...]
+    spill: SpillRef
+    source_bytes: int
+    original_height: int
+    original_width: int
+    source_format: str
+
+
+@dataclasses.dataclass(frozen=True)
+class UniqueImage:
+    """One distinct content: every file that had these bytes, merged."""
+
+    sha256: str
+    uris: tuple[str, ...]  # sorted
+    labels: tuple[str, ...]  # sorted union over the uris
+    label_conflict: bool  # the uris disagree on the labels
+    spill: SpillRef
+    source_bytes: int
+    original_height: int
+    original_width: int
+    source_format: str
+    split: str
+    order: str  # salted hash: the position within the split
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.spill.length
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorRow:
+    """A dead letter: a file that could not become a record, and why."""
+
+    uri: str
+    reason: str
+    stage: str
+    detail: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+    split: str
+    index: int
+    count: int
+    images: tuple[UniqueImage, ...]  # in write order
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+    split: str
+    index: int
+    path: str  # relative to the output root
+    num_examples: int
+    num_bytes: int
+    class_counts: dict[str, int]
+
+
+def _count(name: str, n: int = 1) -> None:
+    Metrics.counter(NAMESPACE, name).inc(n)
+
+
+class DecodeSourceFn(beam.DoFn):
+    """SourceFile -> DecodedImage (main output) or ErrorRow (ERRORS_TAG)."""
+
+    def __init__(self, spec: ImageSpec, spill_dir: str, progress_dir: str | None):
+        self._spec = spec
+        self._spill_dir = spill_dir
+        self._progress_dir = progress_dir
+        self._spill: SpillWriter | None = None
+        self._progress: WorkerCounter | None = None
+
+    def setup(self) -> None:
+        if self._progress_dir:
+            self._progress = WorkerCounter(self._progress_dir)
+
+    def start_bundle(self) -> None:
+        self._spill = SpillWriter(self._spill_dir)
+
+    def process(self, source: SourceFile) -> Iterator:
+        try:
+            data = _read_bytes(source.uri)
+        except (BeamIOError, OSError) as err:
+            _count("errors_read")
+            yield beam.pvalue.TaggedOutput(ERRORS_TAG, ErrorRow(source.uri, "unreadable", "read",
+                                                                str(err)[:500]))
+            return
+        try:
+            image = process_image(data, self._spec)
+        except DecodeError as err:
+            _count(f"errors_{err.reason}")
+            yield beam.pvalue.TaggedOutput(
+                ERRORS_TAG, ErrorRow(source.uri, err.reason, "decode", err.detail[:500])
+            )
+            return
+        except Exception as err:  # noqa: BLE001 - recorded below, never swallowed
+            # PIL's decoders raise a zoo of types on crafted input (KeyError,
+            # struct.error, ...): the file is bad, the job is not.
+            _count("errors_decoder_failure")
+            detail = f"{type(err).__name__}: {err}"[:500]
+            yield beam.pvalue.TaggedOutput(
+                ERRORS_TAG, ErrorRow(source.uri, "decoder_failure", "decode", detail)
+            )
+            return
+        finally:
+            if self._progress is not None:
+                self._progress.add()
+        _count("images_decoded")
+        yield DecodedImage(
+            sha256=hashlib.sha256(data).hexdigest(),
+            uri=source.uri,
+            labels=source.labels,
+            spill=self._spill.append(image.encoded),
+            source_bytes=len(data),
+            original_height=image.original_height,
+            original_width=image.original_width,
+            source_format=image.source_format,
+        )
+
+    def finish_bundle(self) -> None:
+        self._spill.close()
+
+    def teardown(self) -> None:
+        if self._progress is not None:
+            self._progress.flush()
+
+
+def _read_bytes(uri: str) -> bytes:
+    with FileSystems.open(uri, compression_type="uncompressed") as handle:
+        return handle.read()
+
+
+def merge_duplicates(
+    sha256: str, copies: Iterable[DecodedImage], config: PreprocessConfig
+) -> UniqueImage:
+    """All files with the same bytes -> one record carrying every uri and label."""
+    copies = sorted(copies, key=lambda c: c.uri)
+    keep = copies[0]  # the smallest uri: the same pick on every run
+    label_sets = {c.labels for c in copies}
+    return UniqueImage(
+        sha256=sha256,
+        uris=tuple(c.uri for c in copies),
+        labels=tuple(sorted({label for c in copies for label in c.labels})),
+        label_conflict=len(label_sets) > 1,
+        spill=keep.spill,
+        source_bytes=keep.source_bytes,
+        original_height=keep.original_height,
+        original_width=keep.original_width,
+        source_format=keep.source_format,
+        split=splits.assign_split(sha256, config.splits, config.split_salt),
+        order=splits.order_key(sha256, config.split_salt),
+    )
+
+
+class MergeDuplicates(beam.PTransform):
+    """DecodedImage -> UniqueImage, one per distinct sha256."""
+
+    def __init__(self, config: PreprocessConfig):
+        super().__init__()
+        self._config = config
+
+    def expand(self, decoded):
+        config = self._config
+
+        def merge(keyed: tuple[str, Iterable[DecodedImage]]) -> UniqueImage:
+            unique = merge_duplicates(keyed[0], keyed[1], config)
+            _count("duplicates", len(unique.uris) - 1)
+            _count("label_conflicts", int(unique.label_conflict))
+            return unique
+
+        return (
+            decoded
+            | "KeyBySha256" >> beam.Map(lambda d: (d.sha256, d))
+            # (sha256, [DecodedImage])
+            | "GroupCopies" >> beam.GroupByKey()
+            | "Merge" >> beam.Map(merge)
+        )
+
+
+def plan_shards(images: Sequence[UniqueImage], config: PreprocessConfig) -> list[ShardPlan]:
+    """Every unique image -> its shard, balanced and shuffled within each split."""
+    plans = []
+    for split, _ in config.splits:
+        members = sorted((i for i in images if i.split == split), key=lambda i: i.order)
+        count = splits.shard_count(
+            split,
+            len(members),
+            sum(i.stored_bytes for i in members),
+            config.splits,
+            config.num_shards,
+            config.shard_size_mb,
+        )
+        for index, shard in enumerate(splits.deal_round_robin(members, count)):
+            plans.append(ShardPlan(split, index, count, tuple(shard)))
+    return plans
+
+
+class WriteShardFn(beam.DoFn):
+    """ShardPlan -> one TFRecord file, written under a temporary name, then renamed."""
+
+    def __init__(self, output: str, spec: ImageSpec, labels: Sequence[str]):
+        self._output = output
+        self._spec = spec
+        self._labels = tuple(labels)
+
+    def setup(self) -> None:
+        self._label_ids = {label: index for index, label in enumerate(self._labels)}
+
+    def process(self, plan: ShardPlan) -> Iterator[ShardInfo]:
+        relative = f"data/{splits.shard_name(plan.split, plan.index, plan.count)}"
+        final_path = FileSystems.join(self._output, relative)
+        temporary = f"{final_path}.tmp-{uuid.uuid4().hex}"
+        blobs = read_spilled(image.spill for image in plan.images)
+        class_counts: Counter[str] = Counter()
+        num_bytes = 0
+        with FileSystems.create(temporary) as handle:
+            for image in plan.images:
+                record = self._example(image, blobs[image.spill])
+                _TFRecordUtil.write_record(handle, record)
+                num_bytes += _TFRecordUtil.encoded_num_bytes(record)
+                class_counts.update(image.labels)
+        FileSystems.rename([temporary], [final_path])
+        _count("records_written", len(plan.images))
+        yield ShardInfo(plan.split, plan.index, relative, len(plan.images), num_bytes,
+                        dict(sorted(class_counts.items())))
+
+    def _example(self, image: UniqueImage, encoded: bytes) -> bytes:
+        return records.make_example(
+            encoded=encoded,
+            image_format=self._spec.image_format.value,
+            height=self._spec.height,
+            width=self._spec.width,
+            label_ids=[self._label_ids[label] for label in image.labels],
+            labels=image.labels,
+            source_uris=image.uris,
+            sha256=image.sha256,
+            original_height=image.original_height,
+            original_width=image.original_width,
+        )
+
+
+class WriteShards(beam.PTransform):
+    """UniqueImage -> ShardInfo: plan all shards at once, write them in parallel."""
+
+    def __init__(self, config: PreprocessConfig, labels: Sequence[str]):
+        super().__init__()
+        self._config = config
+        self._labels = labels
+
+    def expand(self, unique_images):
+        config = self._config
+        return (
+            unique_images
+            # [UniqueImage]: metadata only, a few hundred bytes an image
+            | "CollectMetadata" >> beam.combiners.ToList()
+            # ShardPlan per shard
+            | "Plan" >> beam.FlatMap(lambda images: plan_shards(images, config))
+            | "SpreadShards" >> beam.Reshuffle()
+            | "Write" >> beam.ParDo(WriteShardFn(config.output, config.image, self._labels))
+        )
