@@ -96,6 +96,10 @@ class ProcessedImage:
     original_height: int  # upright, after EXIF orientation
     original_width: int
     source_format: str  # PIL's name: JPEG, PNG, ...
+    # Per-channel sums of the resized uint8 pixels and of their squares: enough for
+    # the dataset's mean/std without ever shipping pixels to an analyzer.
+    channel_sums: tuple[float, float, float]
+    channel_squared_sums: tuple[float, float, float]
 
 
 def open_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -251,6 +255,7 @@ def process_image(data: bytes, spec: ImageSpec) -> ProcessedImage:
     target = (spec.height, spec.width)
     pixels, source_format, (orig_h, orig_w) = decode_rgb(data, target, spec.max_pixels)
     resized = resize(pixels, target, spec.resize)
+    flat = resized.reshape(-1, 3).astype(np.float64)
     return ProcessedImage(
         encoded=encode(resized, spec.image_format, spec.jpeg_quality),
         height=spec.height,
@@ -258,4 +263,6 @@ def process_image(data: bytes, spec: ImageSpec) -> ProcessedImage:
         original_height=orig_h,
         original_width=orig_w,
         source_format=source_format,
+        channel_sums=tuple(flat.sum(axis=0).tolist()),
+        channel_squared_sums=tuple(np.square(flat).sum(axis=0).tolist()),
     )

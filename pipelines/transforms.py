@@ -47,6 +47,8 @@ class DecodedImage:
     original_height: int
     original_width: int
     source_format: str
+    channel_sums: tuple[float, float, float]  # of the stored (resized) pixels
+    channel_squared_sums: tuple[float, float, float]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,8 @@ class UniqueImage:
     original_height: int
     original_width: int
     source_format: str
+    channel_sums: tuple[float, float, float]
+    channel_squared_sums: tuple[float, float, float]
     split: str
     order: str  # salted hash: the position within the split
 
@@ -160,6 +164,8 @@ class DecodeSourceFn(beam.DoFn):
             original_height=image.original_height,
             original_width=image.original_width,
             source_format=image.source_format,
+            channel_sums=image.channel_sums,
+            channel_squared_sums=image.channel_squared_sums,
         )
 
     def finish_bundle(self) -> None:
@@ -192,6 +198,8 @@ def merge_duplicates(
         original_height=keep.original_height,
         original_width=keep.original_width,
         source_format=keep.source_format,
+        channel_sums=keep.channel_sums,
+        channel_squared_sums=keep.channel_squared_sums,
         split=splits.assign_split(sha256, config.splits, config.split_salt),
         order=splits.order_key(sha256, config.split_salt),
     )
