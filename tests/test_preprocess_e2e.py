@@ -1,0 +1,171 @@
+"""The preprocessing command end to end on a corpus made here, on the real DirectRunner."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipelines import preprocess, records
+from pipelines.manifest import read_manifest
+from tests import corpus
+
+ARGS = ["--image_size", "32,48", "--num_shards", "3", "--no_progress"]
+
+
+def run_ok(*args: str) -> None:
+    assert preprocess.run(list(args)) == 0
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("raw")
+    return root, corpus.write_corpus(root)
+
+
+@pytest.fixture(scope="module")
+def output(corpus_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prep") / "out"
+    run_ok("--input", str(corpus_dir[0]), "--output", str(out), *ARGS)
+    return out
+
+
+def read_split(out, manifest, split):
+    paths = [str(out / s["path"]) for s in manifest["splits"][split]["shards"]]
+    rows = []
+    for path in paths:
+        for raw in tf.data.TFRecordDataset(path):
+            parsed = tf.io.parse_single_example(raw, records.FEATURE_SPEC)
+            rows.append((path, {k: (tf.sparse.to_dense(v) if isinstance(v, tf.SparseTensor)
+                                    else v).numpy() for k, v in parsed.items()}))
+    return rows
+
+
+def test_every_file_is_accounted_for(output, corpus_dir):
+    manifest = read_manifest(str(output))
+    assert {k: manifest["accounting"][k] for k in corpus_dir[1]} == corpus_dir[1]
+    errors = [json.loads(line) for line in (output / manifest["errors_path"]).open()]
+    reasons = {e["uri"].rsplit("/", 1)[1]: e["reason"] for e in errors}
+    assert reasons == {name: reason for name, (_, reason) in corpus.broken_files().items()}
+    assert all(e["stage"] == "decode" for e in errors)
+    assert [s["reason"] for s in manifest["skipped"]] == ["not_an_image_name"]
+    assert not (output / "_tmp").exists() and not (output / "_IN_PROGRESS").exists()
+
+
+def test_records_follow_the_contract_and_carry_duplicates_once(output):
+    manifest = read_manifest(str(output))
+    rows = [r for split in manifest["splits"] for _, r in read_split(output, manifest, split)]
+    assert len(rows) == manifest["accounting"]["images_written"]
+    assert len({r[records.SHA256] for r in rows}) == len(rows)
+    merged = [r for r in rows if len(r[records.SOURCE_ID]) > 1]
+    assert len(merged) == 1
+    assert sorted(u.decode().rsplit("/", 2)[1] for u in merged[0][records.SOURCE_ID]) == [
+        "cat", "dog", "dog"]
+    assert [manifest["labels"][i] for i in merged[0][records.LABEL]] == ["cat", "dog"]
+    for row in rows:
+        assert (row[records.HEIGHT], row[records.WIDTH]) == (32, 48)
+        assert row[records.FORMAT] == b"jpeg"
+        image = tf.io.decode_jpeg(row[records.ENCODED]).numpy()
+        assert image.shape == (32, 48, 3)
+
+
+def test_exif_rotated_image_is_stored_upright(output):
+    manifest = read_manifest(str(output))
+    rows = [r for split in manifest["splits"] for _, r in read_split(output, manifest, split)]
+    (rotated,) = [r for r in rows if r[records.SOURCE_ID][0].endswith(b"rotated.jpg")]
+    assert (rotated[records.ORIGINAL_HEIGHT], rotated[records.ORIGINAL_WIDTH]) == (40, 60)
+    pixels = tf.io.decode_jpeg(rotated[records.ENCODED]).numpy().astype(int)
+    left, right = pixels[:, :20].mean(axis=(0, 1)), pixels[:, 28:].mean(axis=(0, 1))
+    assert left[0] > 170 and left[2] < 70 and right[2] > 170 and right[0] < 70
+
+
+def test_shards_are_balanced_and_splits_disjoint(output):
+    manifest = read_manifest(str(output))
+    seen = {}
+    for split, entry in manifest["splits"].items():
+        sizes = [s["num_examples"] for s in entry["shards"]]
+        assert not sizes or max(sizes) - min(sizes) <= 1, (split, sizes)
+        for path, row in read_split(output, manifest, split):
+            assert seen.setdefault(row[records.SHA256], split) == split
+        counts = Counter(manifest["labels"][i] for _, r in read_split(output, manifest, split)
+                         for i in r[records.LABEL])
+        assert dict(counts) == {k: v for k, v in entry["class_counts"].items() if v}
+    assert len(manifest["splits"]["train"]["shards"]) == 3
+
+
+def test_rerun_is_byte_identical_and_independent_of_parallelism(output, corpus_dir, tmp_path):
+    again = tmp_path / "again"
+    run_ok("--input", str(corpus_dir[0]), "--output", str(again), *ARGS,
+           "--direct_running_mode", "in_memory")
+    first, second = read_manifest(str(output)), read_manifest(str(again))
+    assert first["splits"] == second["splits"]
+    for entry in first["splits"].values():
+        for shard in entry["shards"]:
+            assert (output / shard["path"]).read_bytes() == (again / shard["path"]).read_bytes()
+
+
+def test_existing_output_refused_then_replaced_with_overwrite(output, corpus_dir, capsys):
+    code = preprocess.run(["--input", str(corpus_dir[0]), "--output", str(output), *ARGS])
+    assert code == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_killed_run_leftovers_are_cleaned_and_never_look_complete(corpus_dir, tmp_path):
+    out = tmp_path / "out"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "train-00000-of-00009.tfrecord").write_bytes(b"half")
+    (out / "_IN_PROGRESS").write_text("")
+    with pytest.raises(FileNotFoundError):
+        read_manifest(str(out))
+    run_ok("--input", str(corpus_dir[0]), "--output", str(out), *ARGS, "--splits",
+           "train=0.5,test=0.5", "--direct_running_mode", "in_memory")
+    assert not (out / "data" / "train-00000-of-00009.tfrecord").exists()
+    manifest = read_manifest(str(out))
+    assert set(manifest["splits"]) == {"train", "test"}
+    run_ok("--input", str(corpus_dir[0]), "--output", str(out), *ARGS, "--overwrite",
+           "--direct_running_mode", "in_memory")
+    assert set(read_manifest(str(out))["splits"]) == {"train", "validation", "test"}
+
+
+def test_labels_csv_gives_several_labels_to_one_image(corpus_dir, tmp_path):
+    root = corpus_dir[0]
+    csv = tmp_path / "labels.csv"
+    rel = lambda p: str(p.relative_to(tmp_path)) if False else str(p)  # noqa: E731
+    csv.write_text("uri,label\n"
+                   f"{rel(root / 'dog' / 'photo0.jpg')},dog\n"
+                   f"{rel(root / 'dog' / 'photo0.jpg')},outdoor\n"
+                   f"{rel(root / 'cat' / 'photo1.jpg')},cat\n")
+    out = tmp_path / "out"
+    run_ok("--labels", str(csv), "--output", str(out), *ARGS, "--direct_running_mode",
+           "in_memory")
+    manifest = read_manifest(str(out))
+    assert manifest["labels"] == ["cat", "dog", "outdoor"]
+    assert manifest["accounting"]["images_written"] == 2
+    assert manifest["accounting"]["label_conflicts"] == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input", "/nonexistent/raw", "--output", "/tmp/x"], "no files found"),
+    (["--input", "/tmp", "--output", "/tmp/x", "--image_size", "0"], "--image_size"),
+    (["--input", "/tmp", "--output", "/tmp/x", "--splits", "train=0.5"], "sum to 1"),
+    (["--input", "/tmp", "--output", "/tmp/x", "--no_such_flag", "1"], "unknown option"),
+    (["--output", "/tmp/x"], "give --input"),
+])
+def test_usage_errors_are_one_line_messages(args, message, capsys):
+    assert preprocess.run(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_stored_pixels_match_imaging_module(output, corpus_dir):
+    """The shards hold exactly what pipelines.imaging makes of the source file."""
+    from pipelines.imaging import ImageSpec, process_image
+
+    manifest = read_manifest(str(output))
+    rows = [r for split in manifest["splits"] for _, r in read_split(output, manifest, split)]
+    row = next(r for r in rows if r[records.SOURCE_ID][0].endswith(b"photo3.jpg"))
+    source = (corpus_dir[0] / "cat" / "photo3.jpg").read_bytes()
+    expected = process_image(source, ImageSpec(32, 48)).encoded
+    assert row[records.ENCODED] == expected
+    assert np.array_equal(tf.io.decode_jpeg(expected).numpy(),
+                          tf.io.decode_jpeg(row[records.ENCODED]).numpy())

@@ -1,0 +1,78 @@
+"""The Beam steps on a handful of real files, with TestPipeline + assert_that."""
+
+import apache_beam as beam
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipelines.imaging import ImageSpec
+from pipelines.options import PreprocessConfig
+from pipelines.sources import SourceFile
+from pipelines.transforms import ERRORS_TAG, DecodeSourceFn, MergeDuplicates, plan_shards
+from tests import corpus
+
+
+def test_decode_routes_bad_files_to_dead_letters(tmp_path):
+    good = corpus.every_encoding()["baseline.jpg"]
+    (tmp_path / "a.jpg").write_bytes(good)
+    (tmp_path / "b.jpg").write_bytes(b"")
+    (tmp_path / "c.png").write_bytes(b"<html></html>")
+    sources = [SourceFile(str(tmp_path / n), ("x",)) for n in ("a.jpg", "b.jpg", "c.png")]
+    sources.append(SourceFile(str(tmp_path / "missing.jpg"), ("x",)))
+    with TestPipeline() as p:
+        out = (
+            p
+            | beam.Create(sources)
+            | beam.ParDo(DecodeSourceFn(ImageSpec(16, 16), str(tmp_path / "spill"), None))
+            .with_outputs(ERRORS_TAG, main="images")
+        )
+        assert_that(out.images | "Uris" >> beam.Map(lambda d: d.uri),
+                    equal_to([sources[0].uri]), label="good")
+        assert_that(
+            out[ERRORS_TAG] | "Reasons" >> beam.Map(lambda e: (e.uri.rsplit("/", 1)[1], e.reason,
+                                                                e.stage)),
+            equal_to([("b.jpg", "empty_file", "decode"), ("c.png", "not_an_image", "decode"),
+                      ("missing.jpg", "unreadable", "read")]),
+            label="bad",
+        )
+
+
+def test_duplicates_merge_into_one_record_with_every_uri_and_label(tmp_path):
+    data = corpus.every_encoding()["rgb.png"]
+    for name in ("cat/a.png", "cat/b.png", "dog/c.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    sources = [SourceFile(str(tmp_path / "cat/a.png"), ("cat",)),
+               SourceFile(str(tmp_path / "cat/b.png"), ("cat",)),
+               SourceFile(str(tmp_path / "dog/c.png"), ("dog",))]
+    config = PreprocessConfig(output=str(tmp_path / "out"))
+    with TestPipeline() as p:
+        merged = (
+            p
+            | beam.Create(sources)
+            | beam.ParDo(DecodeSourceFn(config.image, str(tmp_path / "spill"), None))
+            | MergeDuplicates(config)
+            | beam.Map(lambda u: (len(u.uris), u.labels, u.label_conflict))
+        )
+        assert_that(merged, equal_to([(3, ("cat", "dog"), True)]))
+
+
+def test_plan_shards_balances_and_shuffles_classes():
+    config = PreprocessConfig(output="unused", num_shards=4)
+    images = [_unique(i, "train", "cat" if i < 50 else "dog") for i in range(100)]
+    plans = plan_shards(images, config)
+    train = [p for p in plans if p.split == "train"]
+    assert [len(p.images) for p in train] == [25, 25, 25, 25]
+    for plan in train:  # class-sorted input, yet every shard holds both classes
+        cats = sum(1 for i in plan.images if i.labels == ("cat",))
+        assert 5 <= cats <= 20
+    assert plan_shards(list(reversed(images)), config) == plans  # input order does not matter
+
+
+def _unique(i, split, label):
+    from pipelines.spill import SpillRef
+    from pipelines.splits import order_key
+    from pipelines.transforms import UniqueImage
+
+    sha = f"{i:064x}"
+    return UniqueImage(sha, (f"/x/{i}",), (label,), False, SpillRef("s", i, 10), 100, 10, 10,
+                       "JPEG", (0.0,) * 3, (0.0,) * 3, split, order_key(sha, "salt"))
