@@ -1,0 +1,94 @@
+"""Preprocessing images/s and peak memory vs a plain multiprocessing PIL loop.
+
+    .venv/bin/python -m tests.benchmarks.preprocess_throughput [--images 2000] [--sizes 1000,4000]
+
+Both sides decode ~500x375 photo JPEGs (crops of real photos), resize to 224 px and
+encode JPEG on every core of this machine. The PIL loop is the decode limit: no dedup,
+no splits, no shards, no accounting. Prints a table; the ratio is what to compare
+across machines (absolute numbers drift on a shared box).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+from PIL import Image
+
+from pipelines.demo_data import make_demo_images  # noqa: I001
+from tests.benchmarks.measure import run_measured
+
+PER_CLASS_DIVISOR = 4  # make_demo_images writes 4 classes
+CACHE = Path(tempfile.gettempdir()) / "imagebeam-bench"
+
+
+def photo_corpus(count: int) -> Path:
+    """~`count` 500x375 JPEG crops of real photos, cached between runs."""
+    root = CACHE / f"raw-{count}"
+    if not root.exists():
+        staging = root.with_suffix(".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        make_demo_images(str(staging), per_class=count // PER_CLASS_DIVISOR, size=(375, 500))
+        staging.rename(root)
+    return root
+
+
+def pil_decode_resize_encode(path: str) -> int:
+    """The decode limit: what any pipeline must do per image, and nothing else."""
+    with Image.open(path) as image:
+        image.draft("RGB", (224, 224))
+        resized = image.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    resized.save(buffer, format="JPEG", quality=95, subsampling=0)
+    return len(buffer.getvalue())
+
+
+def pil_pool_rate(root: Path) -> tuple[float, int]:
+    files = sorted(str(p) for p in root.rglob("*.jpg"))
+    started = time.monotonic()
+    with Pool(os.cpu_count()) as pool:
+        pool.map(pil_decode_resize_encode, files, chunksize=16)
+    return len(files) / (time.monotonic() - started), len(files)
+
+
+def pipeline_run(root: Path) -> tuple[float, float, int]:
+    """(images/s over the whole command, peak RSS of the process tree MB, images)."""
+    out = Path(tempfile.mkdtemp(prefix="imagebeam-bench-out-"))
+    try:
+        measured = run_measured([sys.executable, "-m", "pipelines.preprocess", "--input",
+                                 str(root), "--output", str(out / "o"), "--no_progress"])
+        if measured.returncode != 0:
+            raise RuntimeError(measured.output[-3000:])
+        images = sum(1 for _ in root.rglob("*.jpg"))
+        return images / measured.wall_s, measured.peak_tree_rss_mb, images
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--sizes", default="1000,4000", help="dataset sizes for peak memory")
+    args = parser.parse_args(argv)
+    root = photo_corpus(args.images)
+    limit, count = pil_pool_rate(root)
+    rate, peak, _ = pipeline_run(root)
+    print(f"cores: {os.cpu_count()}, images: {count} (500x375 JPEG -> 224x224 JPEG)")
+    print(f"{'what':44s} {'images/s':>9s} {'ratio':>6s} {'peak RSS MB':>12s}")
+    print(f"{'multiprocessing PIL loop (decode limit)':44s} {limit:9.0f} {1:6.2f} {'':>12s}")
+    print(f"{'pipelines.preprocess (whole command)':44s} {rate:9.0f} {rate / limit:6.2f} "
+          f"{peak:12.0f}")
+    for size in (int(s) for s in args.sizes.split(",")):
+        rate, peak, images = pipeline_run(photo_corpus(size))
+        print(f"{f'pipelines.preprocess, {images} images':44s} {rate:9.0f} {'':>6s} {peak:12.0f}")
+
+
+if __name__ == "__main__":
+    main()
