@@ -81,10 +81,24 @@ def serialize_example(features: dict[str, bytes]) -> bytes:
 
     Map entries sorted by key, as protobuf's deterministic serialisation does.
     """
-    entries = b"".join(
-        _field(1, _field(1, key.encode()) + _field(2, features[key])) for key in sorted(features)
-    )
-    return _field(1, entries)
+    return _serialize_with_offsets(features)[0]
+
+
+def _serialize_with_offsets(features: dict[str, bytes]) -> tuple[bytes, dict[str, int]]:
+    """The serialised Example and where each Feature message starts in it."""
+    entries, starts = [], {}
+    position = 0
+    for key in sorted(features):
+        key_field = _field(1, key.encode())
+        value_header = _varint(2 << 3 | 2) + _varint(len(features[key]))
+        entry_body = key_field + value_header + features[key]
+        entry_header = _varint(1 << 3 | 2) + _varint(len(entry_body))
+        starts[key] = position + len(entry_header) + len(key_field) + len(value_header)
+        entries.append(entry_header + entry_body)
+        position += len(entries[-1])
+    body = b"".join(entries)
+    outer_header = _varint(1 << 3 | 2) + _varint(len(body))
+    return outer_header + body, {k: v + len(outer_header) for k, v in starts.items()}
 
 
 def make_example(
@@ -101,7 +115,36 @@ def make_example(
     original_width: int,
 ) -> bytes:
     """One serialised `tf.train.Example` of the contract (deterministic bytes)."""
-    return serialize_example({
+    return make_example_locating_image(**locals())[0]
+
+
+def make_example_locating_image(**fields) -> tuple[bytes, int]:
+    """`make_example`, plus the offset of the `image/encoded` bytes in the record.
+
+    Lets a later run reuse an image straight out of this run's shards, by offset,
+    without parsing or decoding anything.
+    """
+    encoded = fields["encoded"]
+    features = _features(**fields)
+    record, starts = _serialize_with_offsets(features)
+    # The encoded bytes are the tail of their Feature message (BytesList of one value).
+    return record, starts[ENCODED] + len(features[ENCODED]) - len(encoded)
+
+
+def _features(
+    *,
+    encoded: bytes,
+    image_format: str,
+    height: int,
+    width: int,
+    label_ids: Sequence[int],
+    labels: Sequence[str],
+    source_uris: Sequence[str],
+    sha256: str,
+    original_height: int,
+    original_width: int,
+) -> dict[str, bytes]:
+    return {
         ENCODED: _bytes_feature([encoded]),
         FORMAT: _bytes_feature([image_format.encode()]),
         HEIGHT: _int64_feature([height]),
@@ -112,4 +155,4 @@ def make_example(
         SHA256: _bytes_feature([sha256.encode()]),
         ORIGINAL_HEIGHT: _int64_feature([original_height]),
         ORIGINAL_WIDTH: _int64_feature([original_width]),
-    })
+    }

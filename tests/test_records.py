@@ -48,3 +48,12 @@ def test_feature_spec_parses_what_make_example_writes():
     parsed = tf.io.parse_single_example(raw, records.FEATURE_SPEC)
     assert tf.sparse.to_dense(parsed[records.LABEL]).numpy().tolist() == [1, 2]
     assert int(parsed[records.ORIGINAL_WIDTH]) == 5
+
+
+def test_encoded_image_is_located_by_offset():
+    encoded = bytes(range(200)) * 3
+    record, offset = records.make_example_locating_image(
+        encoded=encoded, image_format="jpeg", height=2, width=3, label_ids=[1],
+        labels=["a" * 300], source_uris=["u" * 200], sha256="s", original_height=4,
+        original_width=5)
+    assert record[offset:offset + len(encoded)] == encoded
