@@ -1,0 +1,251 @@
+"""tf.Transform over the train split: per-channel pixel mean/std and the label vocabulary.
+
+The cheap formulation: decoding already sums each image's resized uint8 pixels and
+their squares per channel (`UniqueImage.channel_sums`, `.channel_squared_sums`, over
+H*W pixels). The analyzers only add those up, so they see 7 floats and a label list
+per image instead of H*W*3 pixels:
+
+    mean = sum(channel_sums) / sum(pixel_count)
+    std  = sqrt(sum(channel_squared_sums) / sum(pixel_count) - mean^2)
+
+The sums run in float64 inside the graph (the features are float32, which holds a
+224x224 image's integer channel sum exactly but would lose digits summed over a
+dataset). Pixel values are 0..255, the stored pixels the model will see (resized,
+padded for --resize pad).
+
+Labels are multi-valued (one image can carry several): the `label` feature is a
+VarLen string list and the vocabulary counts each label once per train image that
+carries it, which is also how the manifest's `class_counts` and the statistics'
+label histogram count. The vocabulary is for frequencies and statistics; the model's
+label ids stay the manifest's sorted `labels`.
+
+Outputs under `<output>/transform_output/` (what `tft.TFTransformOutput` reads):
+`transform_fn/` (the SavedModel, vocabulary asset `labels`) and `transformed_metadata/`.
+The trainer calls `normalization_from_transform_output` and bakes the numbers into
+the model, so serving carries them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterable
+
+import apache_beam as beam
+import numpy as np
+import tensorflow as tf
+from apache_beam.io.filesystems import FileSystems
+
+TRANSFORM_OUTPUT = "transform_output"  # relative to the output root
+LABEL_VOCABULARY = "labels"  # vocab_filename: transform_fn/assets/labels
+_SPACE_ESCAPE = "__SPACE__"  # how tft stores spaces in a frequency vocabulary
+
+CHANNEL_SUMS = "channel_sums"
+CHANNEL_SQUARED_SUMS = "channel_squared_sums"
+PIXEL_COUNT = "pixel_count"
+LABEL = "label"
+
+RAW_FEATURE_SPEC = {
+    CHANNEL_SUMS: tf.io.FixedLenFeature([3], tf.float32),
+    CHANNEL_SQUARED_SUMS: tf.io.FixedLenFeature([3], tf.float32),
+    PIXEL_COUNT: tf.io.FixedLenFeature([], tf.float32),
+    LABEL: tf.io.VarLenFeature(tf.string),
+}
+
+PIXEL_MEAN = "pixel_mean"  # outputs: the dataset constants, broadcast per instance
+PIXEL_STD = "pixel_std"
+LABEL_RANK = "label_rank"  # index into the frequency-ordered vocabulary
+
+
+def preprocessing_fn(inputs: dict) -> dict:
+    """tf.Transform preprocessing_fn over per-image pixel sums and labels.
+
+    Args:
+      inputs: batch of RAW_FEATURE_SPEC features: `channel_sums` and
+        `channel_squared_sums` float32 [batch, 3], `pixel_count` float32 [batch],
+        `label` string SparseTensor [batch, None].
+    Returns:
+      `pixel_mean`, `pixel_std`: float32 [batch, 3], the train split's per-channel
+      mean and standard deviation of 0..255 pixels (the same row for every instance);
+      `label_rank`: int64 SparseTensor, each label's index in the frequency-ordered
+      vocabulary `labels` (stored with frequencies).
+    """
+    import tensorflow_transform as tft  # heavy import: only where the graph is traced
+
+    sums = tft.sum(tf.cast(inputs[CHANNEL_SUMS], tf.float64), reduce_instance_dims=False)
+    squares = tft.sum(tf.cast(inputs[CHANNEL_SQUARED_SUMS], tf.float64),
+                      reduce_instance_dims=False)
+    pixels = tft.sum(tf.cast(inputs[PIXEL_COUNT], tf.float64))
+    mean = tf.math.divide_no_nan(sums, pixels)
+    # E[x^2] - E[x]^2 in float64; clipped at 0 against rounding on constant images.
+    variance = tf.maximum(tf.math.divide_no_nan(squares, pixels) - tf.square(mean), 0.0)
+    per_instance = tf.zeros_like(inputs[CHANNEL_SUMS])  # [batch, 3]
+    label_rank = tft.compute_and_apply_vocabulary(
+        inputs[LABEL], vocab_filename=LABEL_VOCABULARY, store_frequency=True
+    )
+    return {
+        PIXEL_MEAN: per_instance + tf.cast(mean, tf.float32),
+        PIXEL_STD: per_instance + tf.cast(tf.sqrt(variance), tf.float32),
+        LABEL_RANK: label_rank,
+    }
+
+
+def serialized_instance(
+    channel_sums: Iterable[float],
+    channel_squared_sums: Iterable[float],
+    pixel_count: int,
+    labels: Iterable[str],
+) -> bytes:
+    """One image's analyzer input as a serialized tf.Example (RAW_FEATURE_SPEC)."""
+    def floats(values):
+        return tf.train.Feature(float_list=tf.train.FloatList(value=list(values)))
+
+    example = tf.train.Example(features=tf.train.Features(feature={
+        CHANNEL_SUMS: floats(channel_sums),
+        CHANNEL_SQUARED_SUMS: floats(channel_squared_sums),
+        PIXEL_COUNT: floats([float(pixel_count)]),
+        LABEL: tf.train.Feature(bytes_list=tf.train.BytesList(
+            value=[label.encode() for label in labels])),
+    }))
+    return example.SerializeToString(deterministic=True)
+
+
+def train_split_name(split_names: Iterable[str]) -> str:
+    """The split the analyzers see: `train` if there is one, else the first split."""
+    names = list(split_names)
+    return "train" if "train" in names else names[0]
+
+
+class AnalyzeTrainSplit(beam.PTransform):
+    """UniqueImage (every split) -> the relative path `transform_output`, once written.
+
+    Runs `tft_beam.AnalyzeDataset(preprocessing_fn)` on the train split's images only
+    and writes the transform with `tft_beam.WriteTransformFn`.
+
+    Where tf.Transform writes: its SavedModel writer goes through TensorFlow's own
+    file systems, which cannot reach a GCS emulator. With a local runner (`staging`
+    given: a local folder) it writes there and the result is copied to
+    `<output>/transform_output` through Beam's FileSystems (local or gs://); on a
+    remote runner it writes to the output directly, its temp files under `_tmp/`.
+    """
+
+    def __init__(self, output: str, train_split: str, pixel_count: int,
+                 staging: str | None = None):
+        super().__init__()
+        self._output = output
+        self._train_split = train_split
+        self._pixel_count = pixel_count
+        self._staging = staging
+
+    def expand(self, unique_images):
+        import tensorflow_transform.beam as tft_beam
+        from tensorflow_transform.tf_metadata import schema_utils
+        from tfx_bsl.tfxio import tf_example_record
+
+        final = FileSystems.join(self._output, TRANSFORM_OUTPUT)
+        if self._staging:
+            temp_dir = os.path.join(self._staging, "tmp")
+            write_dir = os.path.join(self._staging, TRANSFORM_OUTPUT)
+        else:
+            temp_dir = FileSystems.join(self._output, "_tmp", "tft")
+            write_dir = final
+        train, pixel_count = self._train_split, self._pixel_count
+        tfxio = tf_example_record.TFExampleBeamRecord(
+            physical_format="inmem",
+            telemetry_descriptors=["imagebeam"],
+            schema=schema_utils.schema_from_feature_spec(RAW_FEATURE_SPEC),
+        )
+        record_batches = (
+            unique_images
+            | "TrainOnly" >> beam.Filter(lambda image: image.split == train)
+            # serialized tf.Example: 7 floats and the labels of one image
+            | "ToAnalyzerInput" >> beam.Map(lambda image: serialized_instance(
+                image.channel_sums, image.channel_squared_sums, pixel_count, image.labels))
+            # Arrow RecordBatches, what tf.Transform analyzes
+            | "ToRecordBatches" >> tfxio.BeamSource()
+        )
+        with tft_beam.Context(temp_dir=temp_dir):
+            transform_fn = (record_batches, tfxio.TensorAdapterConfig()) | (
+                "Analyze" >> tft_beam.AnalyzeDataset(preprocessing_fn))
+            written = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(write_dir)
+        staging = self._staging
+
+        def publish(_) -> str:
+            if staging:
+                copy_local_tree(os.path.join(staging, TRANSFORM_OUTPUT), final)
+                shutil.rmtree(staging, ignore_errors=True)
+            return TRANSFORM_OUTPUT
+
+        return written | "Publish" >> beam.Map(publish)
+
+
+def local_staging_dir() -> str:
+    """A new local folder name for tf.Transform's files on a local runner; created only
+    when tf.Transform writes there (a pipeline built but never run leaves nothing)."""
+    return os.path.join(tempfile.gettempdir(), f"imagebeam-tft-{uuid.uuid4().hex[:12]}")
+
+
+def copy_local_tree(source: str, destination: str) -> None:
+    """Copies every file under local folder `source` to `destination` (local or gs://)."""
+    for folder, _, names in os.walk(source):
+        relative = os.path.relpath(folder, source)
+        for name in names:
+            parts = [] if relative == "." else relative.split(os.sep)
+            target = FileSystems.join(destination, *parts, name)
+            with open(os.path.join(folder, name), "rb") as src, FileSystems.create(
+                target
+            ) as dst:
+                shutil.copyfileobj(src, dst)
+
+
+def normalization_from_transform_output(path: str) -> dict:
+    """The numbers the trainer bakes into the model, read from a transform output.
+
+    Args:
+      path: a `transform_output` folder (manifest root joined with
+        `manifest["transform_output"]`), readable by TensorFlow's file systems.
+    Returns:
+      {"mean": float32 [3] and "std": float32 [3], per-channel statistics of the train
+      split's 0..255 RGB pixels (normalize as (x - mean) / std);
+      "labels": the train split's labels, sorted (NOT necessarily the model's label
+      ids: those are the manifest's `labels`, which also has labels only other
+      splits carry); "label_frequencies": {label: number of train images carrying it}}.
+      An empty train split gives mean and std 0 and no labels.
+    """
+    import tensorflow_transform as tft
+
+    output = tft.TFTransformOutput(path)
+    dummy = {
+        CHANNEL_SUMS: tf.zeros([1, 3], tf.float32),
+        CHANNEL_SQUARED_SUMS: tf.zeros([1, 3], tf.float32),
+        PIXEL_COUNT: tf.ones([1], tf.float32),
+        LABEL: tf.sparse.from_dense(tf.constant([[""]])),
+    }
+    transformed = output.transform_raw_features(dummy)
+    frequencies = parse_frequency_vocabulary(output.vocabulary_by_name(LABEL_VOCABULARY))
+    return {
+        "mean": np.asarray(transformed[PIXEL_MEAN].numpy()[0], dtype=np.float32),
+        "std": np.asarray(transformed[PIXEL_STD].numpy()[0], dtype=np.float32),
+        "labels": sorted(frequencies),
+        "label_frequencies": frequencies,
+    }
+
+
+def parse_frequency_vocabulary(lines: Iterable[bytes]) -> dict[str, int]:
+    """tft `store_frequency` vocabulary lines (b"<count> <label>") -> {label: count}.
+
+    tf.Transform writes a placeholder token into an empty vocabulary; it is dropped.
+    """
+    from tensorflow_transform.analyzers import get_empy_vocabulary_dummy_value
+
+    placeholder = get_empy_vocabulary_dummy_value(tf.string)[1].decode()
+    frequencies = {}
+    for line in lines:
+        text = line.decode("utf-8").rstrip("\r\n")
+        if not text or text.partition(" ")[2] == placeholder:
+            continue
+        count, _, label = text.partition(" ")
+        frequencies[label.replace(_SPACE_ESCAPE, " ")] = int(float(count))
+    return frequencies

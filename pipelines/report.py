@@ -1,0 +1,641 @@
+"""`stats/report.html`: one self-contained page a person reads after a run.
+
+No scripts, no external URLs: charts are inline SVG, thumbnails are base64 JPEG data
+URIs, so the file opens offline and can be mailed or attached to a ticket. Sections:
+summary, examples per class per split, original sizes and bytes per image, source
+formats, shard sizes, thumbnails per class (decoded from the WRITTEN shards: what the
+model will see), dead letters, duplicates and label conflicts, drift, config and
+timings.
+
+`render_report` is pure (dicts and the statistics proto in, a string out);
+`read_thumbnails` reads shards through Beam's FileSystems (local or gs://, emulator
+included), never through TensorFlow's file systems.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+import json
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.tfrecordio import _TFRecordUtil
+from PIL import Image
+
+from pipelines import records
+from pipelines import statistics as stats_lib
+
+REPORT_PATH = "stats/report.html"  # relative to the output root
+THUMBNAILS_PER_CLASS = 8
+THUMBNAILS_IN_ALL = 1200  # ~3 KB each: with many classes, fewer per class (at least 2)
+THUMBNAIL_SIDE = 96  # longest side in the page, pixels
+THUMBNAIL_READ_BUDGET = 256 << 20  # bytes of shards read looking for thumbnails
+MAX_CLASSES_CHARTED = 60
+MAX_TABLE_ROWS = 200
+MAX_DUPLICATES_LISTED = 300  # contents; the pipeline passes at most this many
+
+SPLIT_COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#76b7b2", "#edc948",
+                 "#ff9da7", "#9c755f")
+SECTIONS = (
+    ("summary", "Summary"),
+    ("classes", "Examples per class"),
+    ("sizes", "Original sizes and bytes"),
+    ("formats", "Source formats"),
+    ("shards", "Shards"),
+    ("thumbnails", "Thumbnails from the shards"),
+    ("dead-letters", "Dead letters"),
+    ("duplicates", "Duplicates and label conflicts"),
+    ("drift", "Drift"),
+    ("config", "Config and timings"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Thumbnail:
+    """One record's image, small, as the page shows it."""
+
+    data_uri: str  # data:image/jpeg;base64,...
+    split: str
+    source: str  # first source uri
+
+
+# --- thumbnails from the shards ---------------------------------------------------------
+
+
+def thumbnails_per_class(num_labels: int) -> int:
+    """8 per class, fewer when there are many classes, so the page stays a few MB."""
+    return max(2, min(THUMBNAILS_PER_CLASS, THUMBNAILS_IN_ALL // max(num_labels, 1)))
+
+
+def read_thumbnails(
+    root: str,
+    shards: Sequence[tuple[str, str]],
+    labels: Sequence[str],
+    per_class: int = THUMBNAILS_PER_CLASS,
+    budget_bytes: int = THUMBNAIL_READ_BUDGET,
+) -> dict[str, list[Thumbnail]]:
+    """Up to `per_class` thumbnails per label, decoded from the written shards.
+
+    Args:
+      root: the output root (local or gs://).
+      shards: (split, path relative to root) in reading order. Records within a
+        shard are shuffled, so the first records of a shard are a sample of it.
+      labels: every label; each gets a (possibly empty) list.
+      budget_bytes: stop reading after this many shard bytes, full or not.
+    Returns:
+      {label: [Thumbnail]}; a multi-label image appears under each of its labels.
+    """
+    wanted = {label: per_class for label in labels}
+    found: dict[str, list[Thumbnail]] = {label: [] for label in labels}
+    spent = 0
+    for split, relative in shards:
+        if not any(wanted.values()) or spent >= budget_bytes:
+            break
+        path = FileSystems.join(root, *relative.split("/"))
+        with FileSystems.open(path, compression_type="uncompressed") as handle:
+            while any(wanted.values()) and spent < budget_bytes:
+                record = _TFRecordUtil.read_record(handle)
+                if record is None:
+                    break
+                spent += len(record) + 16
+                example = _parse(record)
+                needing = [t for t in example["labels"] if wanted.get(t, 0) > 0]
+                if not needing:
+                    continue
+                thumbnail = Thumbnail(_thumbnail_uri(example), split, example["source"])
+                for label in needing:
+                    found[label].append(thumbnail)
+                    wanted[label] -= 1
+    return found
+
+
+def _parse(record: bytes) -> dict:
+    from tensorflow.core.example import example_pb2  # the proto only, no TF runtime
+
+    features = example_pb2.Example.FromString(record).features.feature
+    return {
+        "encoded": features[records.ENCODED].bytes_list.value[0],
+        "format": features[records.FORMAT].bytes_list.value[0].decode(),
+        "height": features[records.HEIGHT].int64_list.value[0],
+        "width": features[records.WIDTH].int64_list.value[0],
+        "labels": [v.decode() for v in features[records.LABEL_TEXT].bytes_list.value],
+        "source": (features[records.SOURCE_ID].bytes_list.value or [b""])[0].decode(),
+    }
+
+
+def _thumbnail_uri(example: Mapping) -> str:
+    if example["format"] == "raw":
+        pixels = np.frombuffer(example["encoded"], dtype=np.uint8).reshape(
+            example["height"], example["width"], 3)
+        image = Image.fromarray(pixels)
+    else:
+        image = Image.open(io.BytesIO(example["encoded"])).convert("RGB")
+    image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# --- SVG charts --------------------------------------------------------------------------
+
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value: float) -> str:
+    """Compact number: 1234 -> 1.2k, 0.5 -> 0.5."""
+    value = float(value)
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= limit:
+            return f"{value / limit:.3g}{suffix}"
+    return f"{value:.3g}" if value != int(value) else str(int(value))
+
+
+def _nice_max(value: float) -> float:
+    if value <= 0:
+        return 1.0
+    magnitude = 10 ** math.floor(math.log10(value))
+    for step in (1, 2, 2.5, 5, 10):
+        if step * magnitude >= value:
+            return step * magnitude
+    return 10 * magnitude
+
+
+def grouped_bar_chart(
+    categories: Sequence[str],
+    series: Mapping[str, Sequence[float]],
+    colours: Mapping[str, str],
+    value_label: str = "",
+    width: int = 900,
+) -> str:
+    """Horizontal grouped bars: one group per category, one bar per series. SVG text."""
+    names = list(series)
+    bar, gap = 12, 10
+    label_w, right = 170, 60
+    group_h = bar * len(names) + gap
+    top = 28
+    height = top + group_h * len(categories) + 24
+    peak = _nice_max(max((v for values in series.values() for v in values), default=0))
+    plot_w = width - label_w - right
+    parts = [_svg_open(width, height, f"bar chart of {value_label}")]
+    for i, name in enumerate(names):  # legend
+        x = label_w + i * 130
+        parts.append(f'<rect x="{x}" y="6" width="12" height="12" fill="{colours[name]}"/>'
+                     f'<text x="{x + 16}" y="16" class="legend">{_e(name)}</text>')
+    for tick in range(5):
+        x = label_w + plot_w * tick / 4
+        parts.append(f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{height - 20}" '
+                     f'class="grid"/><text x="{x:.1f}" y="{height - 6}" class="tick" '
+                     f'text-anchor="middle">{_fmt(peak * tick / 4)}</text>')
+    for c, category in enumerate(categories):
+        y0 = top + c * group_h
+        parts.append(f'<text x="{label_w - 8}" y="{y0 + group_h / 2 + 1:.1f}" class="cat" '
+                     f'text-anchor="end">{_e(_clip(category, 24))}<title>{_e(category)}'
+                     '</title></text>')
+        for s, name in enumerate(names):
+            value = series[name][c]
+            w = plot_w * value / peak
+            y = y0 + s * bar
+            parts.append(f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{bar - 2}" '
+                         f'fill="{colours[name]}"><title>{_e(category)} / {_e(name)}: '
+                         f'{value:g}</title></rect>')
+            if value:
+                parts.append(f'<text x="{label_w + w + 4:.1f}" y="{y + bar - 3}" '
+                             f'class="val">{_fmt(value)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def histogram_chart(
+    buckets: Sequence[tuple[float, float, float]],
+    x_label: str,
+    width: int = 440,
+    height: int = 220,
+    colour: str = SPLIT_COLOURS[0],
+) -> str:
+    """Vertical bars, one per bucket (equal widths: log buckets read as a log axis)."""
+    if not buckets:
+        return '<p class="muted">no data</p>'
+    left, bottom, top = 44, 40, 12
+    plot_w, plot_h = width - left - 10, height - bottom - top
+    peak = _nice_max(max(count for _, _, count in buckets))
+    step = plot_w / len(buckets)
+    parts = [_svg_open(width, height, f"histogram of {x_label}")]
+    for tick in range(5):
+        y = top + plot_h * (1 - tick / 4)
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - 10}" y2="{y:.1f}" '
+                     f'class="grid"/><text x="{left - 4}" y="{y + 3:.1f}" class="tick" '
+                     f'text-anchor="end">{_fmt(peak * tick / 4)}</text>')
+    label_every = max(1, math.ceil(len(buckets) / 8))
+    for i, (low, high, count) in enumerate(buckets):
+        h = plot_h * count / peak
+        x = left + i * step
+        parts.append(f'<rect x="{x + 1:.1f}" y="{top + plot_h - h:.1f}" '
+                     f'width="{max(step - 2, 1):.1f}" height="{h:.1f}" fill="{colour}">'
+                     f'<title>{_fmt(low)}-{_fmt(high)}: {count:g}</title></rect>')
+        if i % label_every == 0:
+            parts.append(f'<text x="{x:.1f}" y="{top + plot_h + 14}" class="tick">'
+                         f'{_fmt(low)}</text>')
+    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 6}" class="axis" '
+                 f'text-anchor="middle">{_e(x_label)}</text></svg>')
+    return "".join(parts)
+
+
+def column_chart(
+    items: Sequence[tuple[str, float, str]],
+    y_label: str,
+    width: int = 900,
+    height: int = 220,
+) -> str:
+    """Vertical bars (label, value, colour), e.g. one per shard."""
+    if not items:
+        return '<p class="muted">no data</p>'
+    left, bottom, top = 56, 28, 12
+    plot_w, plot_h = width - left - 10, height - bottom - top
+    peak = _nice_max(max(value for _, value, _ in items))
+    step = min(plot_w / len(items), 48)  # a handful of shards must not look like walls
+    parts = [_svg_open(width, height, f"chart of {y_label}")]
+    for tick in range(5):
+        y = top + plot_h * (1 - tick / 4)
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - 10}" y2="{y:.1f}" '
+                     f'class="grid"/><text x="{left - 4}" y="{y + 3:.1f}" class="tick" '
+                     f'text-anchor="end">{_fmt(peak * tick / 4)}</text>')
+    for i, (label, value, colour) in enumerate(items):
+        h = plot_h * value / peak
+        parts.append(f'<rect x="{left + i * step + 1:.1f}" y="{top + plot_h - h:.1f}" '
+                     f'width="{max(step - 2, 1):.1f}" height="{h:.1f}" fill="{colour}">'
+                     f'<title>{_e(label)}: {_fmt(value)}</title></rect>')
+    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 8}" class="axis" '
+                 f'text-anchor="middle">{_e(y_label)}</text></svg>')
+    return "".join(parts)
+
+
+def _svg_open(width: int, height: int, title: str) -> str:
+    return (f'<svg width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}">')
+
+
+def _clip(text: str, length: int) -> str:
+    return text if len(text) <= length else text[: length - 1] + "…"
+
+
+# --- the page ----------------------------------------------------------------------------
+
+
+def render_report(
+    *,
+    manifest: Mapping,
+    statistics,
+    anomalies: Mapping,
+    thumbnails: Mapping[str, Sequence[Thumbnail]],
+    errors: Sequence[Mapping],
+    duplicates: Sequence[Mapping],
+    timings: Mapping,
+    output: str = "",
+) -> str:
+    """The whole page as one HTML string.
+
+    Args:
+      manifest: the run's manifest dict (as manifest.json will hold it).
+      statistics: the run's DatasetFeatureStatisticsList.
+      anomalies: what anomalies.json holds (`baseline` uri or None, `anomalies`, ...).
+      thumbnails: {label: [Thumbnail]} from `read_thumbnails`.
+      errors: dead letters as dicts (uri, reason, stage, detail).
+      duplicates: contents seen under several uris, as dicts (sha256, uris, labels,
+        label_conflict); possibly a sample, the counts are in the manifest.
+      timings: {name: seconds or text}.
+      output: the output root, for the header.
+    """
+    splits = list(manifest["splits"])
+    colours = {name: SPLIT_COLOURS[i % len(SPLIT_COLOURS)] for i, name in enumerate(splits)}
+    body = [
+        _summary(manifest, statistics, anomalies),
+        _classes(manifest, colours),
+        _sizes(statistics),
+        _formats(statistics, splits, colours),
+        _shards(manifest, colours),
+        _thumbnails(manifest, thumbnails, colours),
+        _dead_letters(manifest, errors),
+        _duplicates(manifest, duplicates),
+        _drift(anomalies),
+        _config(manifest, timings),
+    ]
+    nav = "".join(f'<a href="#{key}">{_e(title)}</a>' for key, title in SECTIONS)
+    return (
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f"<title>Preprocessing report: {_e(manifest.get('input') or '')}</title>"
+        f"<style>{_CSS}</style></head><body>"
+        f"<header><h1>Preprocessing report</h1><p class=\"muted\">{_e(manifest.get('input'))}"
+        f" &rarr; {_e(output)}</p><nav>{nav}</nav></header><main>"
+        + "".join(body)
+        + "</main></body></html>\n"
+    )
+
+
+def _section(key: str, content: str) -> str:
+    title = dict(SECTIONS)[key]
+    return f'<section id="{key}"><h2>{_e(title)}</h2>{content}</section>'
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence], numeric: Sequence[int] = ()) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    lines = []
+    for row in rows:
+        cells = "".join(
+            f'<td class="num">{_e(v)}</td>' if i in numeric else f"<td>{_e(v)}</td>"
+            for i, v in enumerate(row))
+        lines.append(f"<tr>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table>"
+
+
+def _summary(manifest, statistics, anomalies) -> str:
+    accounting = manifest["accounting"]
+    found = anomalies.get("anomalies", [])
+    cards = [
+        ("images written", accounting["images_written"], ""),
+        ("files seen", accounting["files_seen"], ""),
+        ("labels", len(manifest["labels"]), ""),
+        ("dead letters", accounting["errors"], "bad" if accounting["errors"] else ""),
+        ("duplicates", accounting["duplicates"], ""),
+        ("label conflicts", accounting["label_conflicts"],
+         "bad" if accounting["label_conflicts"] else ""),
+        ("drift anomalies", len(found) if anomalies.get("baseline") else "no baseline",
+         "bad" if found else ""),
+    ]
+    card_html = "".join(f'<div class="card {cls}"><div class="big">{_e(value)}</div>'
+                        f'<div class="muted">{_e(name)}</div></div>'
+                        for name, value, cls in cards)
+    image = manifest["image"]
+    rows = []
+    for name, dataset in stats_lib.split_datasets(statistics).items():
+        encoded = stats_lib.find_feature(dataset, stats_lib.ENCODED)
+        means = stds = ["", "", ""]
+        if encoded is not None:
+            means = [f"{stats_lib.custom_stat(encoded, f'pixel_mean/{c}'):.2f}"
+                     for c in stats_lib.CHANNELS]
+            stds = [f"{stats_lib.custom_stat(encoded, f'pixel_std/{c}'):.2f}"
+                    for c in stats_lib.CHANNELS]
+        entry = manifest["splits"].get(name, {})
+        rows.append((name, dataset.num_examples, len(entry.get("shards", [])),
+                     " / ".join(means), " / ".join(stds)))
+    return _section("summary", (
+        f'<div class="cards">{card_html}</div>'
+        f"<p>Stored as <b>{_e(image['format'])}</b>, {image['height']}&times;{image['width']}"
+        f" pixels, resize <b>{_e(image['resize'])}</b>. Accounting: files seen = written + "
+        "duplicates + dead letters + skipped. Pixel mean/std are per channel (R / G / B) "
+        "over the stored 0..255 pixels; the train split's are what "
+        "<code>transform_output</code> carries into the model.</p>"
+        + _table(["split", "examples", "shards", "pixel mean R / G / B",
+                  "pixel std R / G / B"], rows, numeric=(1, 2))
+        + f'<p class="muted">accounting: {_e(json.dumps(accounting))}</p>'
+    ))
+
+
+def _classes(manifest, colours) -> str:
+    labels = list(manifest["labels"])
+    counts = {split: entry["class_counts"] for split, entry in manifest["splits"].items()}
+    totals = Counter({label: sum(c.get(label, 0) for c in counts.values()) for label in labels})
+    shown = [label for label, _ in totals.most_common(MAX_CLASSES_CHARTED)]
+    note = ""
+    if len(labels) > len(shown):
+        note = (f'<p class="muted">The {len(shown)} largest of {len(labels)} classes are '
+                "charted; the table lists all.</p>")
+    shown.sort()
+    chart = grouped_bar_chart(
+        shown, {split: [c.get(label, 0) for label in shown] for split, c in counts.items()},
+        colours, "examples per class")
+    rows = [(label, *(counts[s].get(label, 0) for s in counts), totals[label])
+            for label in labels]
+    table = _table(["label", *counts, "total"], rows, numeric=range(1, len(counts) + 2))
+    return _section("classes", f'<div class="chart">{chart}</div>{note}'
+                               f"<details><summary>table</summary>{table}</details>")
+
+
+def _sizes(statistics) -> str:
+    from pipelines import drift  # pooled histograms live with the drift checks
+
+    charts = []
+    for path, label in ((stats_lib.ORIGINAL_HEIGHT, "original height (px)"),
+                        (stats_lib.ORIGINAL_WIDTH, "original width (px)"),
+                        (stats_lib.SOURCE_BYTES, "source file bytes"),
+                        (stats_lib.STORED_BYTES, "stored bytes per image")):
+        buckets = drift.pooled_histogram(statistics, path)
+        charts.append(f'<figure>{histogram_chart(buckets, label)}'
+                      f"<figcaption>{_e(label)}, all splits</figcaption></figure>")
+    rows = []
+    for name, dataset in stats_lib.split_datasets(statistics).items():
+        for path in (stats_lib.ORIGINAL_HEIGHT, stats_lib.ORIGINAL_WIDTH,
+                     stats_lib.STORED_BYTES, stats_lib.SOURCE_BYTES):
+            feature = stats_lib.find_feature(dataset, path)
+            if feature is None:
+                continue
+            s = feature.num_stats
+            rows.append((name, path, _fmt(s.min), _fmt(s.median), _fmt(s.mean), _fmt(s.max)))
+    return _section("sizes", (
+        '<p class="muted">Buckets are log-scale (4 per doubling).</p>'
+        f'<div class="grid2">{"".join(charts)}</div>'
+        + _table(["split", "feature", "min", "median", "mean", "max"], rows,
+                 numeric=(2, 3, 4, 5))
+    ))
+
+
+def _formats(statistics, splits, colours) -> str:
+    datasets = stats_lib.split_datasets(statistics)
+    per_split = {s: stats_lib.value_counts(datasets[s], stats_lib.SOURCE_FORMAT)
+                 for s in splits if s in datasets}
+    formats = sorted({f for counts in per_split.values() for f in counts})
+    if not formats:
+        return _section("formats", '<p class="muted">no images</p>')
+    chart = grouped_bar_chart(
+        formats, {s: [c.get(f, 0) for f in formats] for s, c in per_split.items()},
+        colours, "source formats")
+    return _section("formats", f'<div class="chart">{chart}</div>')
+
+
+def _shards(manifest, colours) -> str:
+    items, rows = [], []
+    for split, entry in manifest["splits"].items():
+        for shard in entry["shards"]:
+            items.append((shard["path"], shard["num_bytes"] / 1e6, colours[split]))
+            rows.append((shard["path"], split, shard["num_examples"],
+                         f"{shard['num_bytes'] / 1e6:.2f}"))
+    legend = " ".join(f'<span class="swatch" style="background:{colours[s]}"></span>{_e(s)}'
+                      for s in manifest["splits"])
+    table = _table(["shard", "split", "examples", "MB"], rows[:MAX_TABLE_ROWS], numeric=(2, 3))
+    return _section("shards", (
+        f"<p>{len(rows)} shard(s). {legend}</p>"
+        f'<div class="chart">{column_chart(items, "MB per shard")}</div>'
+        f"<details><summary>table</summary>{table}</details>"
+    ))
+
+
+def _thumbnails(manifest, thumbnails, colours) -> str:
+    rows = []
+    for label in manifest["labels"]:
+        found = thumbnails.get(label, [])
+        cells = "".join(
+            f'<img src="{t.data_uri}" alt="{_e(label)}" title="{_e(t.split)}: {_e(t.source)}" '
+            f'style="border-color:{colours.get(t.split, "#999")}">' for t in found
+        ) or '<span class="muted">none found in the shards read</span>'
+        rows.append(f'<div class="thumbrow"><div class="thumblabel">{_e(label)}</div>'
+                    f'<div class="thumbs">{cells}</div></div>')
+    legend = " ".join(f'<span class="swatch" style="background:{c}"></span>{_e(s)}'
+                      for s, c in colours.items())
+    return _section("thumbnails", (
+        f'<p class="muted">Decoded from the written shards, resized to at most '
+        f"{THUMBNAIL_SIDE}px for this page; border = split ({legend}). Hover for the "
+        "source.</p>" + "".join(rows)
+    ))
+
+
+def _dead_letters(manifest, errors) -> str:
+    if not errors:
+        return _section("dead-letters", "<p>No dead letters: every image file decoded.</p>")
+    reasons = Counter(e["reason"] for e in errors)
+    chart = grouped_bar_chart(sorted(reasons), {"files": [reasons[r] for r in sorted(reasons)]},
+                              {"files": "#e15759"}, "dead letters by reason")
+    ordered = sorted(errors, key=lambda e: (e["reason"], e["uri"]))
+    rows = [(e["uri"], e["reason"], e["stage"], _clip(e.get("detail", ""), 160))
+            for e in ordered[:MAX_TABLE_ROWS]]
+    more = (f'<p class="muted">first {MAX_TABLE_ROWS} of {len(errors)}; all are in '
+            f"{_e(manifest['errors_path'])}</p>" if len(errors) > MAX_TABLE_ROWS else "")
+    return _section("dead-letters", (
+        f"<p>{len(errors)} file(s) could not become records "
+        f"(<code>{_e(manifest['errors_path'])}</code>).</p>"
+        f'<div class="chart">{chart}</div>'
+        + _table(["uri", "reason", "stage", "detail"], rows) + more
+    ))
+
+
+def _duplicates(manifest, duplicates) -> str:
+    accounting = manifest["accounting"]
+    if not duplicates:
+        return _section("duplicates", "<p>No duplicate contents.</p>")
+    conflicts = [d for d in duplicates if d["label_conflict"]]
+    plain = [d for d in duplicates if not d["label_conflict"]]
+    parts = [f"<p>{accounting['duplicates']} duplicate file(s) merged into the record of "
+             f"their content; {accounting['label_conflicts']} content(s) carry conflicting "
+             "labels (identical bytes in different class folders: the record keeps every "
+             "label).</p>"]
+    if conflicts:
+        parts.append("<h3>Label conflicts</h3>" + _table(
+            ["sha256", "labels", "uris"],
+            [(d["sha256"][:12], ", ".join(d["labels"]), "\n".join(d["uris"]))
+             for d in conflicts]))
+    if plain:
+        parts.append("<h3>Duplicates</h3>" + _table(
+            ["sha256", "labels", "uris"],
+            [(d["sha256"][:12], ", ".join(d["labels"]), "\n".join(d["uris"])) for d in plain]))
+    if len(duplicates) >= MAX_DUPLICATES_LISTED:
+        parts.append(f'<p class="muted">the first {len(duplicates)} contents (label conflicts '
+                     "first) are listed.</p>")
+    return _section("duplicates", "".join(parts))
+
+
+def _drift(anomalies) -> str:
+    baseline = anomalies.get("baseline")
+    if not baseline:
+        return _section("drift", "<p>No baseline given (<code>--baseline_stats URI</code> "
+                                 "compares with an earlier run's statistics).</p>")
+    found = anomalies.get("anomalies", [])
+    parts = [f"<p>Compared with <code>{_e(baseline)}</code>.</p>"]
+    if found:
+        rows = [(a["severity"], a["kind"], a["split"], a.get("feature") or "", a["description"])
+                for a in found]
+        parts.append(f'<p class="bad-text">{len(found)} anomal{"y" if len(found) == 1 else "ies"}'
+                     "</p>" + _table(["severity", "kind", "split", "feature", "what"], rows))
+    else:
+        parts.append('<p class="good-text">No anomalies: nothing moved past its threshold.</p>')
+    metric_rows = [(name, key, f"{value:.4f}" if isinstance(value, float) else value)
+                   for name, values in anomalies.get("metrics", {}).items()
+                   for key, value in values.items()]
+    if metric_rows:
+        parts.append("<h3>Metrics</h3>" + _table(["metric", "over", "value"], metric_rows,
+                                                  numeric=(2,)))
+    parts.append(f'<p class="muted">thresholds: {_e(json.dumps(anomalies.get("thresholds")))}'
+                 "</p>")
+    return _section("drift", "".join(parts))
+
+
+def _config(manifest, timings) -> str:
+    rows = [(name, f"{value:.2f}" if isinstance(value, float) else value)
+            for name, value in timings.items()]
+    return _section("config", (
+        f"<pre>{_e(json.dumps(manifest['config'], indent=2))}</pre>"
+        "<h3>Timings</h3>" + _table(["", "value"], rows, numeric=(1,))
+        + '<p class="muted">Seconds since the pipeline was built. Beam runs steps '
+        "concurrently, so milestones overlap; the statistics' share of wall time is "
+        "measured by <code>tests/benchmarks/stats_overhead.py</code> (same corpus with "
+        "and without them).</p>"
+    ))
+
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;
+color:#222;background:#f6f7f9}
+header{background:#1f2d3d;color:#fff;padding:18px 28px 10px}
+header h1{margin:0 0 4px;font-size:22px}header .muted{color:#c9d3de}
+nav{margin-top:10px;display:flex;flex-wrap:wrap;gap:4px 14px}
+nav a{color:#9fd0ff;text-decoration:none;font-size:13px}
+main{max-width:1180px;margin:0 auto;padding:10px 24px 40px}
+section{background:#fff;border:1px solid #e2e5ea;border-radius:8px;margin:16px 0;
+padding:8px 20px 16px}
+h2{font-size:18px;margin:10px 0}h3{font-size:15px;margin:14px 0 6px}
+.muted{color:#6b7785}.cards{display:flex;flex-wrap:wrap;gap:10px;margin:8px 0 12px}
+.card{border:1px solid #e2e5ea;border-radius:6px;padding:8px 14px;min-width:110px}
+.card .big{font-size:22px;font-weight:600}.card.bad{border-color:#e15759;background:#fff4f4}
+.bad-text{color:#c0392b;font-weight:600}.good-text{color:#2e7d32;font-weight:600}
+table{border-collapse:collapse;margin:8px 0;font-size:13px}
+th,td{border-bottom:1px solid #eceef1;padding:4px 10px;text-align:left;vertical-align:top;
+white-space:pre-wrap;word-break:break-all}
+th{background:#f0f2f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
+tbody tr:nth-child(even){background:#fafbfc}
+svg text{font:11px system-ui,sans-serif;fill:#333}svg .grid{stroke:#e6e8eb}
+svg .tick{fill:#6b7785;font-size:10px}svg .axis{fill:#444}svg .val{fill:#555;font-size:10px}
+.grid2{display:grid;grid-template-columns:repeat(auto-fill,minmax(450px,1fr));gap:6px}
+figure{margin:4px 0}figcaption{color:#6b7785;font-size:12px;text-align:center}
+.chart{overflow-x:auto}
+.swatch{display:inline-block;width:11px;height:11px;border-radius:2px;margin:0 4px 0 8px;
+vertical-align:-1px}
+.thumbrow{display:flex;align-items:center;border-top:1px solid #eceef1;padding:6px 0}
+.thumblabel{width:150px;font-weight:600;word-break:break-all;padding-right:10px}
+.thumbs{display:flex;flex-wrap:wrap;gap:6px}
+.thumbs img{border:3px solid #999;border-radius:3px;display:block}
+pre{background:#f6f7f9;padding:10px;border-radius:6px;overflow-x:auto;font-size:12px}
+details summary{cursor:pointer;color:#36597a;margin:6px 0}
+"""
+
+
+def duplicate_row(image) -> dict:
+    """A UniqueImage seen under several uris -> the dict the report lists."""
+    return {"sha256": image.sha256, "uris": list(image.uris), "labels": list(image.labels),
+            "label_conflict": bool(image.label_conflict)}
+
+
+def write_report(path: str, page: str) -> None:
+    """Writes the page to `path` (local or gs://)."""
+    with FileSystems.create(path, mime_type="text/html") as handle:
+        handle.write(page.encode("utf-8"))
+
+
+def shards_in_reading_order(manifest: Mapping) -> list[tuple[str, str]]:
+    """(split, relative path) of every shard: the first shard of each split, then the
+    second of each, ...: thumbnails come from every split early."""
+    per_split = defaultdict(list)
+    for split, entry in manifest["splits"].items():
+        for shard in entry["shards"]:
+            per_split[split].append(shard["path"])
+    order = []
+    for index in range(max((len(v) for v in per_split.values()), default=0)):
+        for split, paths in per_split.items():
+            if index < len(paths):
+                order.append((split, paths[index]))
+    return order
