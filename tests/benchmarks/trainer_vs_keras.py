@@ -1,0 +1,129 @@
+"""Epochs of the linear probe: our shards vs `image_dataset_from_directory` on the raw JPEGs.
+
+    .venv/bin/python -m tests.benchmarks.trainer_vs_keras [--images 2000] [--rounds 3]
+
+Every side trains the same `--model linear` (pool, normalise, dense: it costs next to
+nothing, so the input pipeline is what is timed) at 224x224, batch 32, in this one
+process, on the same ~2000 images (500x375 JPEG crops of real photos; our sides read
+the preprocess output of exactly those files, every image in `train`):
+
+- keras: `image_dataset_from_directory(raw) .prefetch()`: decodes and resizes every
+  raw JPEG every epoch;
+- ours: `trainer.input.train_dataset` over the default shards (224 px JPEG, q95);
+- ours, raw shards: the same over `--image_format raw` shards (no decode at all);
+- ours, cache: default shards with `--cache memory` (decoded once, epoch 1 excluded).
+
+A shared machine's load swings, so the sides take turns, `--rounds` times; each
+reports its best epoch in images per wall-clock second, and its median epoch in
+images per CPU-second of this process (robust to other load; on an idle machine
+wall-clock rate ~ cores x CPU rate when the input keeps every core busy). Epoch 1 of
+each fit (tracing, buffer filling) is left out. Ratios are to keras.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import argparse
+import json
+import resource
+import time
+from collections import defaultdict
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tests.benchmarks.trainer_data import prepared
+from trainer import input as input_lib
+from trainer.model import make_model
+
+BATCH = 32
+SIZE = 224
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
+    return usage.ru_utime + usage.ru_stime
+
+
+class EpochTimes(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._started = (time.perf_counter(), cpu_seconds())
+
+    def on_epoch_end(self, epoch, logs=None):
+        wall, cpu = self._started
+        self.seconds.append((time.perf_counter() - wall, cpu_seconds() - cpu))
+
+
+def epoch_seconds(dataset, steps: int | None, epochs: int) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds of epochs 2.. of fitting the linear probe on `dataset`."""
+    model = make_model("linear", (SIZE, SIZE, 3), 4, np.full(3, 120.0), np.full(3, 60.0))
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", jit_compile=False)
+    timer = EpochTimes()
+    model.fit(dataset, epochs=epochs, steps_per_epoch=steps, callbacks=[timer], verbose=0,
+              shuffle=False)
+    return timer.seconds[1:]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3, help="per fit (the first is dropped)")
+    args = parser.parse_args(argv)
+    raw, jpeg_prep = prepared(args.images, SIZE)
+    _, raw_prep = prepared(args.images, SIZE, "raw")
+    specs = {name: input_lib.DataSpec.from_manifest(str(p), json.loads(
+        (p / "manifest.json").read_text())) for name, p in (("jpeg", jpeg_prep), ("raw", raw_prep))}
+    images = specs["jpeg"].num_examples("train")
+    steps = input_lib.steps_per_epoch(images, BATCH)
+    for path in raw.rglob("*.jpg"):  # every side starts from the page cache
+        path.read_bytes()
+
+    def keras_loader():
+        loader = keras.utils.image_dataset_from_directory(
+            str(raw), image_size=(SIZE, SIZE), batch_size=BATCH, shuffle=True, seed=0,
+            verbose=False)
+        # Same model input (uint8) for every side; the cast is noise next to decoding.
+        return loader.map(lambda x, y: (tf.cast(x, tf.uint8), y),
+                          num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+    sides = {
+        "keras image_dataset_from_directory": lambda: (keras_loader(), None, images),
+        "ours, JPEG shards (default)": lambda: (
+            input_lib.train_dataset(specs["jpeg"], BATCH), steps, steps * BATCH),
+        "ours, raw shards (--image_format raw)": lambda: (
+            input_lib.train_dataset(specs["raw"], BATCH), steps, steps * BATCH),
+        "ours, JPEG shards, --cache memory": lambda: (
+            input_lib.train_dataset(specs["jpeg"], BATCH, cache="memory"), steps, steps * BATCH),
+    }
+    best: dict[str, float] = defaultdict(float)  # images per wall second
+    per_cpu: dict[str, list[float]] = defaultdict(list)  # images per CPU second
+    for _ in range(args.rounds):
+        for name, make in sides.items():
+            dataset, fit_steps, seen = make()
+            for wall, cpu in epoch_seconds(dataset, fit_steps, args.epochs):
+                best[name] = max(best[name], seen / wall)
+                per_cpu[name].append(seen / cpu)
+    print(f"cores: {os.cpu_count()}, images: {images} (500x375 JPEG -> {SIZE}x{SIZE}), "
+          f"batch {BATCH}, linear probe, {args.rounds} rounds; load average now "
+          f"{os.getloadavg()[0]:.1f}")
+    keras_name = next(iter(sides))
+    base_wall, base_cpu = best[keras_name], float(np.median(per_cpu[keras_name]))
+    print(f"{'input':40s} {'images/s':>9s} {'ratio':>6s} {'images/CPU-s':>13s} {'ratio':>6s}")
+    for name in sides:
+        cpu_rate = float(np.median(per_cpu[name]))
+        print(f"{name:40s} {best[name]:9.0f} {best[name] / base_wall:6.2f} {cpu_rate:13.0f} "
+              f"{cpu_rate / base_cpu:6.2f}")
+    print("images/s: best epoch (wall clock); images/CPU-s: median epoch, images per second "
+          "of CPU used by this process (what a busy machine does not distort)")
+
+
+if __name__ == "__main__":
+    main()

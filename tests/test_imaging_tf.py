@@ -1,0 +1,149 @@
+"""The serving graph's decode/resize (`imaging_tf`) against the pipeline's (`imaging`, PIL).
+
+Real encoded files of every format the pipeline reads, every EXIF orientation in both
+byte orders and three containers, and every resize mode: pixels within a level or so,
+orientation and sizes exact.
+"""
+
+import io
+import struct
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from pipelines import imaging, imaging_tf
+from pipelines.imaging import ResizeMode
+from tests import corpus
+
+TARGETS = [((64, 64), ResizeMode.SQUASH), ((40, 56), ResizeMode.CROP), ((56, 40), ResizeMode.PAD)]
+
+
+def photo(height: int = 300, width: int = 400) -> Image.Image:
+    """A real photo (scikit-image's astronaut), so JPEG and resize see real texture."""
+    from skimage import data
+
+    return Image.fromarray(data.astronaut()).resize((width, height), Image.Resampling.BILINEAR)
+
+
+def exif_block(orientation: int, big_endian: bool) -> bytes:
+    """A minimal `Exif\\0\\0` + TIFF block with IFD0 = {0x0112: orientation} and one other tag."""
+    e = ">" if big_endian else "<"
+    entries = struct.pack(e + "HHII", 0x010F, 2, 4, 0x41424300)  # Make = 'ABC'
+    entries += struct.pack(e + "HHIHH", 0x0112, 3, 1, orientation, 0)
+    tiff = (b"MM" if big_endian else b"II") + struct.pack(e + "HI", 42, 8)
+    return b"Exif\x00\x00" + tiff + struct.pack(e + "H", 2) + entries + struct.pack(e + "I", 0)
+
+
+def with_xmp_first(jpeg: bytes) -> bytes:
+    """Puts an XMP APP1 segment right after SOI: the walker must skip it, not stop at it."""
+    payload = b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta/>"
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+def files() -> dict[str, bytes]:
+    """name -> encoded bytes: the test corpus' every encoding plus photos that exercise
+    JPEG draft scales, EXIF in JPEG/PNG/WebP and both byte orders."""
+    found = dict(corpus.every_encoding())
+    big = photo()
+    found["photo.jpg"] = corpus.encode(big, "JPEG", quality=90)
+    found["photo-progressive.jpg"] = corpus.encode(big, "JPEG", quality=90, progressive=True)
+    found["photo-cmyk.jpg"] = corpus.encode(big.convert("CMYK"), "JPEG", quality=90)
+    found["photo.webp"] = corpus.encode(big, "WEBP", quality=90)
+    found["photo-lossless.webp"] = corpus.encode(big.resize((200, 150)), "WEBP", lossless=True)
+    found["photo-rgba.webp"] = corpus.encode(big.resize((200, 150)).convert("RGBA"), "WEBP")
+    for orientation in range(1, 9):
+        found[f"o{orientation}-le.jpg"] = corpus.encode(
+            big, "JPEG", quality=90, exif=exif_block(orientation, big_endian=False))
+        found[f"o{orientation}-be.jpg"] = with_xmp_first(corpus.encode(
+            big, "JPEG", quality=90, exif=exif_block(orientation, big_endian=True)))
+    found["palette.bmp"] = corpus.encode(big.resize((120, 90)).convert("P"), "BMP")
+    small = big.resize((120, 90))
+    found["o6.png"] = corpus.encode(small, "PNG", exif=exif_block(6, big_endian=True))
+    found["o8.webp"] = corpus.encode(small, "WEBP", quality=90, exif=exif_block(8, False))
+    found["o5.webp"] = corpus.encode(small, "WEBP", lossless=True, exif=exif_block(5, True))
+    return found
+
+
+FILES = files()
+
+
+@tf.function(input_signature=[tf.TensorSpec([], tf.string)])
+def _orientation(data):
+    return imaging_tf.exif_orientation(data)
+
+
+_process = {
+    (target, mode): tf.function(
+        lambda data, target=target, mode=mode: imaging_tf.process_image(data, target, mode),
+        input_signature=[tf.TensorSpec([], tf.string)],
+    )
+    for target, mode in TARGETS
+}
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_pixels_match_the_pipeline(name):
+    data = FILES[name]
+    for target, mode in TARGETS:
+        expected = imaging.resize(imaging.decode_rgb(data, target)[0], target, mode)
+        got = _process[target, mode](tf.constant(data)).numpy()
+        assert got.shape == expected.shape == (*target, 3)
+        diff = np.abs(got.astype(int) - expected.astype(int))
+        assert diff.mean() < 1.0 and diff.max() <= 3, (name, mode, diff.mean(), diff.max())
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_orientation_is_exactly_pils(name):
+    data = FILES[name]
+    expected = imaging.exif_orientation(imaging.open_header(data))
+    assert int(_orientation(tf.constant(data))) == expected
+    if name.startswith("o") and name[1].isdigit():
+        assert expected == int(name[1]), "the test file must carry the orientation it names"
+
+
+def test_draft_and_orientation_give_pils_decoded_size():
+    # Upright targets that make PIL pick different DCT scales, and differ when transposed.
+    targets = [(36, 36), (30, 140), (140, 30)]
+    decode = {t: tf.function(lambda d, t=t: imaging_tf.decode_rgb(d, t)) for t in targets}
+    for name in ["o6-be.jpg", "o7-le.jpg", "photo.jpg", "photo-progressive.jpg", "o5.webp"]:
+        data = FILES[name]
+        for target in targets:
+            expected = imaging.decode_rgb(data, target)[0]
+            got = decode[target](tf.constant(data))
+            assert tuple(got.shape) == expected.shape, (name, target)
+
+
+def test_works_eagerly_and_inside_tf_data():
+    data = corpus.jpeg_with_orientation(corpus.two_halves(40, 60), orientation=8)
+    eager = imaging_tf.process_image(tf.constant(data), (32, 32)).numpy()
+    mapped = next(iter(tf.data.Dataset.from_tensors(data).map(
+        lambda d: imaging_tf.process_image(d, (32, 32)))))
+    np.testing.assert_array_equal(eager, mapped.numpy())
+
+
+def test_upright_picture_is_upright():
+    data = corpus.jpeg_with_orientation(corpus.two_halves(40, 60), orientation=6)
+    pixels = imaging_tf.decode_rgb(tf.constant(data)).numpy()
+    assert pixels.shape == (40, 60, 3)
+    assert pixels[:, :25, 0].mean() > 180 and pixels[:, 35:, 2].mean() > 180  # red | blue
+
+
+@pytest.mark.parametrize("data, message", [
+    (corpus.png_bomb(), "too_many_pixels"),
+    (b"<!doctype html><html>404</html>", "not_an_image"),
+])
+def test_bombs_and_non_images_are_refused(data, message):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        imaging_tf.process_image(tf.constant(data), (32, 32), max_pixels=10_000_000)
+
+
+def test_declared_size_of_every_format():
+    for name in ["photo.jpg", "photo.webp", "photo-lossless.webp", "photo-rgba.webp", "rgb.png",
+                 "anim.gif", "plain.bmp", "o6.png"]:
+        data = FILES[name]
+        width, height = Image.open(io.BytesIO(data)).size
+        fmt = imaging_tf.image_format(tf.constant(data))
+        got = imaging_tf.declared_size(tf.constant(data), fmt).numpy().tolist()
+        assert got == [height, width], name

@@ -1,0 +1,135 @@
+"""The trainer end to end on real photos: learns, exports a SavedModel that serves raw
+file bytes like the stored images, resumes after a kill, stops cleanly on SIGTERM."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipelines import records
+from trainer import config as config_lib
+from trainer import input as input_lib
+from trainer import train
+
+
+@pytest.fixture(scope="module")
+def trained(photo_prep, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("model")
+    config = config_lib.parse_args(
+        ["--data", str(photo_prep.output), "--model_dir", str(model_dir), "--epochs", "3",
+         "--batch_size", "16", "--model", "small_cnn", "--progress", "off"], {})
+    return model_dir, train.run(config)
+
+
+def test_training_learns_well_above_chance(trained):
+    model_dir, metrics = trained
+    assert json.loads((model_dir / "metrics.json").read_text()) == metrics
+    assert metrics["epochs"] == 3 and metrics["resumed_from_epoch"] == 0
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3]
+    assert metrics["labels"] == ["astronaut", "cat", "coffee", "rocket"]  # chance: 0.25
+    held_out = [metrics[split]["accuracy"] for split in ("validation", "test")]
+    assert min(held_out) >= 0.6, metrics
+    assert metrics["input_images_per_s"] > 0 and metrics["normalization"]["source"] == (
+        "transform_output")
+    assert list((model_dir / "logs" / "train").glob("events.out.tfevents.*"))
+    assert list((model_dir / "logs" / "validation").glob("events.out.tfevents.*"))
+
+
+def all_records(prep: Path) -> list[tf.train.Example]:
+    manifest = json.loads((prep / "manifest.json").read_text())
+    paths = [str(prep / s["path"]) for split in manifest["splits"].values()
+             for s in split["shards"]]
+    return [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(paths)]
+
+
+def test_saved_model_serves_raw_bytes_like_the_stored_images(trained, photo_prep):
+    model_dir, metrics = trained
+    serve = tf.saved_model.load(str(model_dir / "saved_model")).signatures["serving_default"]
+    examples = all_records(photo_prep.output)
+    stored = [e.features.feature[records.ENCODED].bytes_list.value[0] for e in examples]
+    sources = [e.features.feature[records.SOURCE_ID].bytes_list.value[0].decode()
+               for e in examples]
+    original = [Path(uri).read_bytes() for uri in sources]
+    assert {Path(uri).suffix for uri in sources} == {".jpg", ".png", ".webp"}
+
+    def predict(blobs):
+        outputs = [serve(image_bytes=tf.constant(blobs[i:i + 64])) for i in
+                   range(0, len(blobs), 64)]
+        return {key: np.concatenate([o[key].numpy() for o in outputs]) for key in outputs[0]}
+
+    on_stored, on_original = predict(stored), predict(original)
+    agreement = np.mean(on_stored["class_id"] == on_original["class_id"])
+    assert agreement >= 0.99, agreement
+    np.testing.assert_allclose(on_original["probabilities"].sum(axis=1), 1.0, atol=1e-5)
+    labels = np.array(metrics["labels"], dtype=object)
+    assert [s.decode() for s in on_original["label"]] == list(labels[on_original["class_id"]])
+    truth = [e.features.feature[records.LABEL].int64_list.value[0] for e in examples]
+    assert np.mean(on_original["class_id"] == truth) >= 0.8  # mostly train images
+
+
+def test_fallback_statistics_agree_with_the_transform_output(photo_prep):
+    manifest = json.loads((photo_prep.output / "manifest.json").read_text())
+    spec = input_lib.DataSpec.from_manifest(str(photo_prep.output), manifest)
+    from_transform = train.load_normalization(spec)
+    sampled = train.load_normalization(
+        input_lib.DataSpec(**{**spec.__dict__, "transform_output": None}))
+    assert sampled["source"] == "train sample"
+    # The transform sums the pipeline's pixels before JPEG storage; the sample decodes
+    # the stored JPEGs: a fraction of a level apart.
+    np.testing.assert_allclose(sampled["mean"], from_transform["mean"], atol=1.0)
+    np.testing.assert_allclose(sampled["std"], from_transform["std"], atol=1.0)
+
+
+def test_sigterm_stops_training_at_a_batch_boundary():
+    recorder = train.EpochRecorder(state=None, history=[], steps=10, global_batch=4,
+                                   stop=threading.Event())
+    with train.stop_on_sigterm() as stop:
+        recorder._stop = stop
+        recorder.on_epoch_begin(0)
+        recorder.on_train_batch_end(0)
+        os.kill(os.getpid(), signal.SIGTERM)  # what Vertex AI sends before preempting
+        assert stop.wait(5)
+        with pytest.raises(train.Preempted):
+            recorder.on_train_batch_end(1)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert keras.config.dtype_policy().name == "float32"  # CPU: no mixed precision
+
+
+def _run_until_checkpoint(command, checkpoint_dir: Path, epochs_done: int, sig: int):
+    """Starts `command`, sends `sig` once `epochs_done` epochs are checkpointed."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    state = checkpoint_dir / "checkpoint"  # CheckpointManager writes it after the data
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if state.exists() and f"ckpt-{epochs_done}\"" in state.read_text().splitlines()[0]:
+            process.send_signal(sig)
+            break
+        time.sleep(0.01)
+    output = process.communicate(timeout=120)[0].decode()
+    return process.returncode, output
+
+
+def test_resumes_after_a_kill_with_the_same_command(photo_prep, tmp_path):
+    command = [sys.executable, "-m", "trainer.task", "--data", str(photo_prep.output),
+               "--model_dir", str(tmp_path), "--epochs", "3", "--batch_size", "4",
+               "--model", "small_cnn", "--progress", "off"]
+    code, output = _run_until_checkpoint(command, tmp_path / "checkpoints", 1, signal.SIGKILL)
+    assert code == -signal.SIGKILL, output
+    assert not (tmp_path / "metrics.json").exists()
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert "resuming after epoch 1 of 3" in finished.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["resumed_from_epoch"] == 1 and metrics["epochs"] == 3
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3]
+    assert (tmp_path / "saved_model" / "saved_model.pb").exists()

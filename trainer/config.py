@@ -1,0 +1,127 @@
+"""Command-line flags and Vertex AI environment variables, parsed into a frozen config.
+
+    python -m trainer.task --data URI --model_dir URI [--epochs N] [--batch_size B]
+        [--model small_cnn|mobilenet_v3_small|efficientnet_b0|resnet50|linear]
+        [--learning_rate LR] [--shuffle_buffer 64MB] [--cache none|memory|PATH]
+        [--mixed_precision auto|on|off] [--jit auto|on|off] [--warm_start PATH]
+
+Vertex AI sets AIP_MODEL_DIR (where its model upload looks for the SavedModel),
+AIP_CHECKPOINT_DIR (kept across restarts of the job) and AIP_TENSORBOARD_LOG_DIR;
+when set, they win over the defaults under --model_dir. Environment variables are
+read here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+from collections.abc import Mapping, Sequence
+
+MODELS = ("small_cnn", "mobilenet_v3_small", "efficientnet_b0", "resnet50", "linear")
+SWITCH = ("auto", "on", "off")
+DEFAULT_SHUFFLE_BUFFER = "64MB"
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+class UsageError(ValueError):
+    """A mistake in how the command was called; its message is shown as is."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs, fixed before TensorFlow starts."""
+
+    data: str  # a preprocess output root (local or gs://), holding manifest.json
+    model_dir: str  # metrics.json; saved_model/, checkpoints/, logs/ unless Vertex says otherwise
+    saved_model_dir: str
+    checkpoint_dir: str
+    tensorboard_dir: str
+    epochs: int = 10
+    batch_size: int = 64  # global: split over replicas
+    model: str = "small_cnn"
+    learning_rate: float = 1e-3
+    shuffle_buffer_bytes: int = 64 * 10**6
+    cache: str = "none"  # none | memory | a folder for tf.data's cache files
+    mixed_precision: str = "auto"
+    jit: str = "auto"
+    seed: int = 0
+    deterministic: bool = False  # fixed element order from the parallel stages (slower)
+    progress: bool | None = None  # progress bar; None = only when stdout is a terminal
+    warm_start: str | None = None  # an earlier run's checkpoint folder: initial weights
+
+
+def parse_bytes(text: str) -> int:
+    """'64MB' -> 64000000, '256MiB' -> 268435456, '1000000' -> 1000000."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?b|b)?\s*", text.lower())
+    if not match:
+        raise UsageError(f"--shuffle_buffer wants a size like 64MB or 256MiB, got {text!r}")
+    return int(float(match[1]) * _UNITS[match[2] or ""])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.task",
+        description="Trains an image classifier on a preprocess output and exports a "
+        "SavedModel that serves raw image bytes.",
+    )
+    parser.add_argument("--data", required=True, help="preprocess output (folder or gs://)")
+    parser.add_argument("--model_dir", help="where outputs go (default: $AIP_MODEL_DIR)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch_size", type=int, default=64, help="global batch size")
+    parser.add_argument("--model", choices=MODELS, default="small_cnn",
+                        help="linear = rescale, pool, dense: a probe of the input pipeline")
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--shuffle_buffer", default=DEFAULT_SHUFFLE_BUFFER,
+                        help="shuffle buffer size in bytes of records, e.g. 64MB, 256MiB "
+                        f"(default {DEFAULT_SHUFFLE_BUFFER})")
+    parser.add_argument("--cache", default="none",
+                        help="none, memory, or a folder: cache decoded train images after "
+                        "the first epoch")
+    parser.add_argument("--mixed_precision", choices=SWITCH, default="auto",
+                        help="mixed_float16 (auto: on a GPU)")
+    parser.add_argument("--jit", choices=SWITCH, default="auto", help="XLA (auto: on a GPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--deterministic", action="store_true",
+                        help="same batches in the same order on every run (slower input)")
+    parser.add_argument("--progress", choices=SWITCH, default="auto",
+                        help="progress bar (auto: when stdout is a terminal)")
+    parser.add_argument("--warm_start", metavar="PATH",
+                        help="checkpoint folder of an earlier run with the same --model and "
+                        "labels: its weights start this run (ignored when resuming)")
+    return parser
+
+
+def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> TrainConfig:
+    """Flags + Vertex AI variables -> TrainConfig. Raises UsageError."""
+    environ = os.environ if environ is None else environ
+    args = _parser().parse_args(list(argv))
+    model_dir = (args.model_dir or environ.get("AIP_MODEL_DIR", "")).rstrip("/")
+    if not model_dir:
+        raise UsageError("give --model_dir (or run where AIP_MODEL_DIR is set)")
+    if args.epochs < 1 or args.batch_size < 1:
+        raise UsageError("--epochs and --batch_size must be at least 1")
+    if args.learning_rate <= 0:
+        raise UsageError("--learning_rate must be positive")
+    return TrainConfig(
+        data=args.data.rstrip("/"),
+        model_dir=model_dir,
+        # Vertex's model upload reads the SavedModel from the root of AIP_MODEL_DIR.
+        saved_model_dir=environ.get("AIP_MODEL_DIR") or f"{model_dir}/saved_model",
+        checkpoint_dir=environ.get("AIP_CHECKPOINT_DIR") or f"{model_dir}/checkpoints",
+        tensorboard_dir=environ.get("AIP_TENSORBOARD_LOG_DIR") or f"{model_dir}/logs",
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        model=args.model,
+        learning_rate=args.learning_rate,
+        shuffle_buffer_bytes=parse_bytes(args.shuffle_buffer),
+        cache=args.cache,
+        mixed_precision=args.mixed_precision,
+        jit=args.jit,
+        seed=args.seed,
+        deterministic=args.deterministic,
+        progress={"auto": None, "on": True, "off": False}[args.progress],
+        warm_start=args.warm_start.rstrip("/") if args.warm_start else None,
+    )

@@ -1,0 +1,298 @@
+"""One training run: data from the manifest, fit with resumable epochs, evaluate, export.
+
+Preemption. After every completed epoch the model, the optimizer, the epoch number
+and the per-epoch history are saved together in one `tf.train.Checkpoint`
+(the `checkpoint` index file is replaced atomically, so a kill at any moment leaves
+the previous epoch's checkpoint intact). A rerun of the same command restores the
+latest one and trains the remaining epochs on the same per-epoch data order;
+metrics.json records `resumed_from_epoch`. SIGTERM (what Vertex AI and Kubernetes
+send before a preemption) stops training at the next batch boundary, without
+writing the unfinished epoch, and the process exits with status 143.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import resource
+import signal
+import sys
+import threading
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
+
+from pipelines.manifest import read_manifest
+from trainer import distribute, serving
+from trainer import input as input_lib
+from trainer.config import TrainConfig
+from trainer.model import make_model
+
+log = logging.getLogger(__name__)
+_SAVED_MODEL_ENTRIES = ("saved_model.pb", "fingerprint.pb", "variables", "assets")
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; the last completed epoch is checkpointed."""
+
+
+def load_data(config: TrainConfig) -> input_lib.DataSpec:
+    """The preprocess output's manifest (local or gs://) as a DataSpec."""
+    return input_lib.DataSpec.from_manifest(config.data, read_manifest(config.data))
+
+
+def load_normalization(spec: input_lib.DataSpec) -> dict:
+    """{"mean": float32 [3], "std": float32 [3], "source": str} for 0..255 pixels."""
+    if spec.transform_output:
+        from pipelines.analyzers import normalization_from_transform_output
+
+        stats = normalization_from_transform_output(spec.transform_output)
+        return {"mean": stats["mean"], "std": stats["std"], "source": "transform_output"}
+    pixels = input_lib.sample_images(spec).reshape(-1, 3).astype(np.float64)
+    log.warning("the manifest names no transform_output: pixel mean/std estimated from %d "
+                "train images", len(pixels) // (spec.height * spec.width))
+    return {"mean": pixels.mean(axis=0).astype(np.float32),
+            "std": pixels.std(axis=0).astype(np.float32), "source": "train sample"}
+
+
+class TrainingState:
+    """Model, optimizer, completed epochs and history in one checkpoint."""
+
+    def __init__(self, model: keras.Model, directory: str, runtime: distribute.Runtime):
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.history = tf.Variable("[]", dtype=tf.string, trainable=False)
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer,
+                                              epoch=self.epoch, history=self.history)
+        self.directory = directory
+        # Every worker saves (variables may need collectives); only the chief's copy stays.
+        self._write_dir = directory if runtime.is_chief else (
+            f"{directory}/workertemp_{runtime.worker_index}")
+        self._manager = tf.train.CheckpointManager(self.checkpoint, self._write_dir,
+                                                   max_to_keep=2)
+        self._is_chief = runtime.is_chief
+
+    def restore(self) -> tuple[int, list[dict]]:
+        """(completed epochs, their history) from the latest checkpoint, or (0, [])."""
+        latest = tf.train.latest_checkpoint(self.directory)
+        if latest is None:
+            return 0, []
+        try:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as err:
+            raise RuntimeError(f"{latest} does not fit this model ({err}); "
+                               "use a fresh --model_dir or the same flags as before") from err
+        return int(self.epoch.numpy()), json.loads(self.history.numpy().decode())
+
+    def save(self, epochs_done: int, history: list[dict]) -> None:
+        self.epoch.assign(epochs_done)
+        self.history.assign(json.dumps(history))
+        self._manager.save(checkpoint_number=epochs_done)
+        if not self._is_chief:
+            tf.io.gfile.rmtree(self._write_dir)
+
+
+class EpochRecorder(keras.callbacks.Callback):
+    """Per completed epoch: throughput, peak memory, history row, checkpoint.
+
+    Raises Preempted at the first batch boundary after `stop` is set.
+    """
+
+    def __init__(self, state: TrainingState, history: list[dict], steps: int,
+                 global_batch: int, stop: threading.Event):
+        super().__init__()
+        self._state, self._history, self._steps = state, history, steps
+        self._global_batch, self._stop = global_batch, stop
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._started = self._last_batch = time.perf_counter()
+        self._batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches += 1
+        self._last_batch = time.perf_counter()
+        if self._stop.is_set():
+            raise Preempted(f"stopped by SIGTERM in epoch {len(self._history) + 1}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = self._last_batch - self._started
+        row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()},
+               "train_seconds": round(seconds, 3),
+               "images_per_s": round(self._steps * self._global_batch / max(seconds, 1e-9), 1),
+               "peak_rss_mb": peak_rss_mb()}
+        self._history.append(row)
+        self._state.save(epoch + 1, self._history)
+
+
+class EpochSummaries(keras.callbacks.Callback):
+    """TensorBoard scalars per epoch, as Keras' TensorBoard callback names them
+    (`train/` and `validation/` runs, `epoch_loss`, `epoch_accuracy`, ...).
+
+    Keras' callback needs the `tensorboard` package for `tf.summary.scalar`, which
+    TF 2.21 no longer installs; `tf.summary.write` with the scalars plugin's metadata
+    is core TensorFlow and writes the same event files.
+    """
+
+    _METADATA = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+
+    def __init__(self, log_dir: str, history: list[dict]):
+        super().__init__()
+        self._log_dir, self._history = log_dir, history
+        self._writers: dict[str, tf.summary.SummaryWriter] = {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = self._history[-1] if self._history else {}
+        values = {**(logs or {}), "images_per_s": row.get("images_per_s", 0.0)}
+        for key, value in values.items():
+            run, name = ("validation", key[4:]) if key.startswith("val_") else ("train", key)
+            if run not in self._writers:
+                self._writers[run] = tf.summary.create_file_writer(f"{self._log_dir}/{run}")
+            with self._writers[run].as_default():
+                tf.summary.write(f"epoch_{name}", tf.constant(float(value)), step=epoch,
+                                 metadata=self._METADATA)
+        for writer in self._writers.values():
+            writer.flush()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Yields an Event set by SIGTERM while inside (main thread only)."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(config: TrainConfig) -> dict:
+    """Trains, evaluates and exports as `config` says; returns the metrics it wrote."""
+    runtime = distribute.setup(config.mixed_precision, config.jit)
+    spec = load_data(config)
+    norm = load_normalization(spec)
+    keras.utils.set_random_seed(config.seed)
+    with runtime.strategy.scope():
+        model = make_model(config.model, (spec.height, spec.width, 3), len(spec.labels),
+                           norm["mean"], norm["std"])
+        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                      jit_compile=runtime.jit)
+        model.optimizer.build(model.trainable_variables)  # slots exist before a restore
+    state = TrainingState(model, config.checkpoint_dir, runtime)
+    resumed_from, history = state.restore()
+    warm_started = warm_start(model, config.warm_start) if (
+        config.warm_start and not resumed_from) else None
+    if resumed_from:
+        log.warning("resuming after epoch %d of %d from %s", resumed_from, config.epochs,
+                    config.checkpoint_dir)
+    steps = input_lib.steps_per_epoch(spec.num_examples("train"), config.batch_size)
+    has = {split: spec.num_examples(split) > 0 for split in ("validation", "test")}
+    if resumed_from < config.epochs:
+        train = input_lib.train_dataset(
+            spec, config.batch_size, seed=config.seed, start_epoch=resumed_from,
+            shuffle_buffer_bytes=config.shuffle_buffer_bytes, cache=config.cache,
+            worker_index=runtime.worker_index, num_workers=runtime.num_workers,
+            deterministic=config.deterministic)
+        validation = (input_lib.eval_dataset(spec, "validation", config.batch_size)
+                      if has["validation"] else None)
+        with stop_on_sigterm() as stop:
+            callbacks = [EpochRecorder(state, history, steps, config.batch_size, stop)]
+            if runtime.is_chief:
+                callbacks.append(EpochSummaries(config.tensorboard_dir, history))
+            progress = sys.stdout.isatty() if config.progress is None else config.progress
+            model.fit(train, epochs=config.epochs, initial_epoch=resumed_from,
+                      steps_per_epoch=steps, validation_data=validation, callbacks=callbacks,
+                      shuffle=False,  # the dataset shuffles; Keras cannot shuffle a stream
+                      verbose=1 if progress else 2)
+    evaluation = {
+        split: _rounded(model.evaluate(input_lib.eval_dataset(spec, split, config.batch_size),
+                                       return_dict=True, verbose=0))
+        for split in ("validation", "test") if has[split]
+    }
+    _export(model, spec, config, runtime)
+    metrics = {
+        "epochs": len(history),
+        "resumed_from_epoch": resumed_from,
+        "warm_started_from": warm_started,
+        "labels": list(spec.labels),
+        **evaluation,
+        "input_images_per_s": _steady_rate(history),
+        "peak_rss_mb": peak_rss_mb(),
+        "model": config.model,
+        "global_batch_size": config.batch_size,
+        "steps_per_epoch": steps,
+        "replicas": runtime.num_replicas,
+        "workers": runtime.num_workers,
+        "mixed_precision": runtime.mixed_precision,
+        "xla": runtime.jit,
+        "normalization": {"source": norm["source"],
+                          "mean": [round(float(v), 3) for v in norm["mean"]],
+                          "std": [round(float(v), 3) for v in norm["std"]]},
+        "data": config.data,
+        "saved_model": config.saved_model_dir,
+        "history": history,
+    }
+    if runtime.is_chief:
+        _write_json(f"{config.model_dir}/metrics.json", metrics)
+    return metrics
+
+
+def warm_start(model: keras.Model, directory: str) -> str:
+    """Loads the model weights (not optimizer, epoch or history) of the latest checkpoint
+    in `directory` into `model`; returns that checkpoint's path. The normalisation
+    constants are not weights, so the new run's statistics stay in force."""
+    latest = tf.train.latest_checkpoint(directory)
+    if latest is None:
+        raise FileNotFoundError(f"--warm_start {directory}: no checkpoint there")
+    status = tf.train.Checkpoint(model=model).restore(latest)
+    status.assert_existing_objects_matched().expect_partial()  # raises on another model
+    log.warning("warm start from %s", latest)
+    return latest
+
+
+def _rounded(values: dict) -> dict:
+    return {key: round(float(value), 5) for key, value in values.items()}
+
+
+def _steady_rate(history: list[dict]) -> float | None:
+    """Mean images/s over epochs, leaving out the first (tracing, buffer fill) if we can."""
+    rates = [row["images_per_s"] for row in history]
+    steady = rates[1:] or rates
+    return round(sum(steady) / len(steady), 1) if steady else None
+
+
+def _export(model: keras.Model, spec: input_lib.DataSpec, config: TrainConfig,
+            runtime: distribute.Runtime) -> None:
+    path = config.saved_model_dir if runtime.is_chief else (
+        f"{config.model_dir}/workertemp_{runtime.worker_index}/saved_model")
+    for name in _SAVED_MODEL_ENTRIES:  # a rerun replaces the model, not its neighbours
+        entry = f"{path}/{name}"
+        if tf.io.gfile.isdir(entry):
+            tf.io.gfile.rmtree(entry)
+        elif tf.io.gfile.exists(entry):
+            tf.io.gfile.remove(entry)
+    serving.export(model, path, spec.labels, spec.height, spec.width, spec.resize,
+                   spec.max_pixels)
+    if not runtime.is_chief:
+        tf.io.gfile.rmtree(path)
+
+
+def _write_json(path: str, value: dict) -> None:
+    """Writes next to `path`, then renames over it: readers never see half a file."""
+    temporary = f"{path}.tmp"
+    tf.io.gfile.makedirs(path.rsplit("/", 1)[0])
+    with tf.io.gfile.GFile(temporary, "w") as handle:
+        handle.write(json.dumps(value, indent=2) + "\n")
+    tf.io.gfile.rename(temporary, path, overwrite=True)
