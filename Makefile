@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+AIRFLOW_VENV ?= .venv-airflow
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench lint clean airflow test-airflow
 
 install: $(VENV)/.installed
 
@@ -25,5 +26,22 @@ bench: install
 lint: install
 	$(VENV)/bin/ruff check .
 
+# Airflow gets a venv of its own: its Google provider and the project's tfx-bsl need
+# google-api-python-client on opposite sides of 2.0. The DAG runs the project's
+# commands with $(VENV)'s interpreter (deploy/airflow/dags/retrain_dag.py).
+airflow: $(AIRFLOW_VENV)/.installed
+
+$(AIRFLOW_VENV)/.installed: deploy/airflow/requirements.txt deploy/airflow/constraints.txt
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install --quiet --upgrade pip
+	$(AIRFLOW_VENV)/bin/pip install --quiet -r deploy/airflow/requirements.txt \
+		-c deploy/airflow/constraints.txt
+	touch $@
+
+# One retraining tick through `airflow dags test` (SQLite in a temporary AIRFLOW_HOME).
+# Not part of `make test`: installing Airflow takes minutes.
+test-airflow: install airflow
+	IMAGEBEAM_AIRFLOW_TEST=1 $(PY) -m pytest -q tests/test_airflow_dag.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(AIRFLOW_VENV) .pytest_cache build *.egg-info

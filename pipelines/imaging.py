@@ -38,6 +38,15 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # We enforce our own limit before decoding; PIL's own check would only warn.
 Image.MAX_IMAGE_PIXELS = None
 
+# Most pixels one byte of each format can encode (fuzzing found 1-3 KB GIFs and WebPs
+# declaring 10000x10000 canvases: 4-7 s and 1.6 GB each). Deflate inflates at most
+# 1032:1 and 1-bit PNG packs 8 pixels a byte; a 12-bit GIF LZW code emits at most 4096
+# pixels; an RLE4 BMP run is at most 255 pixels a 2-byte code; a flat lossless WebP
+# reaches ~26k pixels a byte, so 64k only catches lies. JPEG is not listed: draft mode
+# decodes a huge JPEG at 1/8 scale. Up to `_ANY_FILE_MAY_DECLARE` pixels (~60 MB, 0.3 s)
+# any file may declare.
+_MAX_PIXELS_PER_BYTE = {"PNG": 8 * 1032, "GIF": 4096, "BMP": 256, "WEBP": 65_536}
+_ANY_FILE_MAY_DECLARE = 4_000_000
 _EXIF_ORIENTATION_TAG = 0x0112
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # orientations that swap width and height
 
@@ -109,7 +118,9 @@ def open_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Imag
     try:
         image = Image.open(io.BytesIO(data), formats=SOURCE_FORMATS)
     except UnidentifiedImageError as err:
-        raise DecodeError("not_an_image", str(err)) from err
+        # Not str(err): it names the BytesIO by memory address, which made errors.jsonl
+        # differ from run to run.
+        raise DecodeError("not_an_image", f"not {', '.join(SOURCE_FORMATS)}") from err
     except (OSError, SyntaxError, ValueError) as err:  # PIL's header parsers raise these
         raise DecodeError("bad_header", str(err)) from err
     width, height = image.size
@@ -117,6 +128,12 @@ def open_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Imag
         raise DecodeError("bad_header", f"declared size {width}x{height}")
     if width * height > max_pixels:
         raise DecodeError("too_many_pixels", f"declares {width}x{height} > {max_pixels} pixels")
+    density = _MAX_PIXELS_PER_BYTE.get(image.format or "")
+    if density and width * height > max(_ANY_FILE_MAY_DECLARE, density * len(data)):
+        # The header promises more pixels than the format can pack into this many bytes:
+        # decoding would cost up to 17 bytes of memory a pixel for a file of a few KB.
+        raise DecodeError("too_many_pixels", f"declares {width}x{height} from {len(data)} "
+                          f"bytes; {image.format} holds at most {density} pixels a byte")
     return image
 
 
@@ -157,16 +174,20 @@ def decode_image(
     """
     image = open_header(data, max_pixels)
     source_format = image.format or "UNKNOWN"
-    orientation = exif_orientation(image)
-    transposed = orientation in _TRANSPOSING_ORIENTATIONS
     full_w, full_h = image.size
     if draft_size is not None and source_format in ("JPEG", "MPO"):
+        # JPEG keeps EXIF in a header segment: reading it here decodes no pixels.
+        transposed = exif_orientation(image) in _TRANSPOSING_ORIENTATIONS
         want_h, want_w = draft_size
         image.draft("RGB", (want_h, want_w) if transposed else (want_w, want_h))
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise DecodeError("corrupt_data", str(err)) from err
+    # Only after load(): PNG's getexif() decodes the pixels itself, and a decode error
+    # swallowed there left a blank image that the next load() returned as valid (fuzzing).
+    orientation = exif_orientation(image)
+    transposed = orientation in _TRANSPOSING_ORIENTATIONS
     image = _to_rgb(image)
     if orientation != 1:
         image = image.transpose(_ORIENTATION_TRANSPOSE[orientation])
@@ -187,17 +208,20 @@ _ORIENTATION_TRANSPOSE = {
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB, the way `tf.io.decode_image(channels=3)` reads the same file."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if image.mode in ("I;16", "I;16B", "I;16L"):
+        # 16 bits map to 8 by the top byte, as libpng's strip_16 (and TF) do. Shifted as
+        # stored (uint16): widening first cost 5 s and 1.4 GB on a 100 Mpx image.
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8), mode="L")
+    elif image.mode == "I":
         wide = np.asarray(image, dtype=np.uint32)
-        # 16 bits map to 8 by the top byte, as libpng's strip_16 (and TF) do.
         image = Image.fromarray((wide >> 8).clip(0, 255).astype(np.uint8), mode="L")
     if image.mode == "RGB":
         return image
     if image.mode in ("RGBA", "LA", "PA"):
         # Alpha is dropped, not composited: TF's decoders do the same, so the
-        # serving graph sees the colours training saw.
-        image = image.convert("RGBA")
-        return Image.merge("RGB", image.split()[:3])
+        # serving graph sees the colours training saw. PIL's convert drops it in one
+        # pass (split + merge made four full planes: 1.5 GB peak on a 100 Mpx RGBA).
+        return image.convert("RGB")
     return image.convert("RGB")
 
 

@@ -20,8 +20,10 @@ from pipelines.sources import Listing
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 IN_PROGRESS = "_IN_PROGRESS"  # our claim on a folder; lets a rerun clean a killed run
-OWNED_ENTRIES = ("data", "errors", "stats", "_tmp", IN_PROGRESS, "manifest.json.tmp")
+OWNED_ENTRIES = ("data", "errors", "index", "stats", "transform_output", "_tmp", IN_PROGRESS,
+                 "manifest.json.tmp")
 ERRORS_PATH = "errors/errors.jsonl"
+INDEX_PATH = "index/images.jsonl"  # where each image's bytes sit in the shards (for reuse)
 
 
 def join(root: str, relative: str) -> str:
@@ -109,6 +111,8 @@ def build_manifest(
         "errors": len(errors),
         "skipped": len(listing.skipped),
         "hidden_ignored": listing.hidden,
+        # Of images_written: bytes taken from the --reuse_from output instead of decoded.
+        "reused": sum(getattr(s, "num_reused", 0) for s in shards),
     }
     accounted = written + duplicates + len(errors) + len(listing.skipped)
     if accounted != listing.files_seen:
@@ -131,16 +135,23 @@ def build_manifest(
         "accounting": accounting,
         "skipped": [{"uri": s.uri, "reason": s.reason} for s in listing.skipped],
         "errors_path": ERRORS_PATH,
+        "index_path": INDEX_PATH,
     }
     manifest.update(extra or {})
     return manifest
 
 
-def write_outputs(config: PreprocessConfig, manifest: dict, errors: Sequence) -> None:
-    """Writes the dead letters, then the manifest (last), then drops the claim."""
+def write_outputs(
+    config: PreprocessConfig, manifest: dict, errors: Sequence, shards: Sequence = ()
+) -> None:
+    """Writes the dead letters and the image index, then the manifest (last)."""
     root = config.output
     lines = sorted(error.to_json() for error in errors)
     _write_text(join(root, ERRORS_PATH), "".join(line + "\n" for line in lines))
+    rows = sorted((row for shard in shards for row in shard.index_rows),
+                  key=lambda row: (row["path"], row["offset"]))
+    _write_text(join(root, INDEX_PATH),
+                "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
     remove_tree(join(root, "_tmp"))
     temporary = join(root, MANIFEST + ".tmp")
     _write_text(temporary, json.dumps(manifest, indent=2) + "\n")

@@ -44,6 +44,8 @@ class PreprocessConfig:
     split_salt: str = DEFAULT_SPLIT_SALT
     overwrite: bool = False
     progress: bool = True
+    baseline_stats: str | None = None  # an earlier run's stats/statistics.pb: drift
+    reuse_from: str | None = None  # an earlier output whose stored images may be reused
 
     def to_json(self) -> dict:
         """The config as it is recorded in the manifest."""
@@ -58,6 +60,8 @@ class PreprocessConfig:
             "num_shards": self.num_shards,
             "shard_size_mb": self.shard_size_mb,
             "split_salt": self.split_salt,
+            "baseline_stats": self.baseline_stats,
+            "reuse_from": self.reuse_from,
         }
 
 
@@ -125,6 +129,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a complete earlier output at --output")
     parser.add_argument("--no_progress", dest="progress", action="store_false")
+    parser.add_argument("--reuse_from", metavar="URI",
+                        help="an earlier output: images it stored with the same image config "
+                        "are copied from its shards instead of decoded again")
+    parser.add_argument("--baseline_stats", metavar="URI",
+                        help="an earlier run's stats/statistics.pb (or its output folder): "
+                        "report drift against it "
+                        "(stats/anomalies.json and the report)")
     return parser
 
 
@@ -160,6 +171,8 @@ def parse_args(argv: Sequence[str]) -> tuple[PreprocessConfig, PipelineOptions]:
         split_salt=known.split_salt,
         overwrite=known.overwrite,
         progress=known.progress,
+        baseline_stats=known.baseline_stats,
+        reuse_from=known.reuse_from.rstrip("/") if known.reuse_from else None,
     )
     return config, beam_options(beam_args)
 

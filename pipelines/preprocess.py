@@ -14,6 +14,8 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads; workers inherit it
 
 import contextlib
+import dataclasses
+import gc
 import json
 import logging
 import shutil
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from pipelines import dataflow, stats_phase
 from pipelines import manifest as manifest_lib
 from pipelines.options import PreprocessConfig, UsageError, parse_args
 from pipelines.progress import ProgressPrinter
@@ -34,6 +37,7 @@ from pipelines.transforms import (
     ERRORS_TAG,
     DecodeSourceFn,
     MergeDuplicates,
+    ReadReuseIndex,
     WriteShards,
 )
 
@@ -43,7 +47,8 @@ LOCAL_RUNNERS = ("DirectRunner", "direct", "FnApiRunner", "BundleBasedDirectRunn
 def list_input(config: PreprocessConfig) -> Listing:
     """The files to read, from the CSV if given, else from the class folders."""
     if config.labels_csv:
-        return list_labels_csv(config.labels_csv)
+        # With --input too, the CSV's uris must lie under it (default: the CSV's folder).
+        return list_labels_csv(config.labels_csv, allowed_root=config.input)
     return list_class_folders(config.input)
 
 
@@ -57,8 +62,16 @@ def build_pipeline(
     options: PipelineOptions,
     listing: Listing,
     progress_dir: str | None = None,
+    baseline: bytes | None = None,
+    statistics: bool = True,
 ) -> beam.Pipeline:
-    """The whole job as an unrun pipeline over `listing`, writing to `config.output`."""
+    """The whole job as an unrun pipeline over `listing`, writing to `config.output`.
+
+    `baseline`: serialized statistics to compare with (default: read from
+    `config.baseline_stats`). `statistics=False` leaves out the statistics phase
+    (statistics, tf.Transform, drift, report): for measuring what it costs.
+    """
+    started = time.time()
     labels = label_vocabulary(listing)
     spill_dir = manifest_lib.join(config.output, f"_tmp/spill-{uuid.uuid4().hex[:8]}")
     pipeline = beam.Pipeline(options=options)
@@ -67,7 +80,8 @@ def build_pipeline(
         | "ListedFiles" >> beam.Create(listing.sources)
         # Spread files over workers before the expensive step.
         | "SpreadFiles" >> beam.Reshuffle()
-        | "Decode" >> beam.ParDo(DecodeSourceFn(config.image, spill_dir, progress_dir))
+        | "Decode" >> beam.ParDo(DecodeSourceFn(config.image, spill_dir, progress_dir),
+                                 reuse=beam.pvalue.AsDict(_reuse_index(pipeline, config)))
         .with_outputs(ERRORS_TAG, main="images")
     )
     unique = decoded.images | "MergeDuplicates" >> MergeDuplicates(config)
@@ -78,13 +92,26 @@ def build_pipeline(
         | "SumCounts" >> beam.CombineGlobally(lambda rows: tuple(map(sum, zip(*rows, strict=True)))
                                                if rows else (0, 0))
     )
+    if statistics:
+        if baseline is None and config.baseline_stats:
+            baseline = stats_phase.load_baseline(config.baseline_stats)
+        # {statistics, anomalies, report, transform_output, timings}, once all are written
+        extras = stats_phase.add_statistics(
+            pipeline, config, listing, labels, unique=unique, shards=shards,
+            errors=decoded[ERRORS_TAG], duplicate_counts=duplicates, baseline=baseline,
+            local_runner=options.view_as(StandardOptions).runner in LOCAL_RUNNERS,
+            started=started,
+        )
+    else:
+        extras = pipeline | "NoStatistics" >> beam.Create([])
 
-    def finalize(_, shard_infos, errors, counts):
+    def finalize(_, shard_infos, errors, counts, extras):
         duplicate_count, conflict_count = counts[0] if counts else (0, 0)
         manifest = manifest_lib.build_manifest(
-            config, listing, labels, shard_infos, errors, duplicate_count, conflict_count
+            config, listing, labels, shard_infos, errors, duplicate_count, conflict_count,
+            extra=extras[0] if extras else None,
         )
-        manifest_lib.write_outputs(config, manifest, errors)
+        manifest_lib.write_outputs(config, manifest, errors, shard_infos)
 
     _ = (
         pipeline
@@ -94,9 +121,32 @@ def build_pipeline(
             shard_infos=beam.pvalue.AsList(shards),
             errors=beam.pvalue.AsList(decoded[ERRORS_TAG]),
             counts=beam.pvalue.AsList(duplicates),
+            extras=beam.pvalue.AsList(extras),
         )
     )
     return pipeline
+
+
+def _reuse_index(pipeline: beam.Pipeline, config: PreprocessConfig):
+    """(sha256, ReuseEntry) of the --reuse_from output; empty without one."""
+    if not config.reuse_from:
+        return pipeline | "NoReuse" >> beam.Create([])
+    return pipeline | "ReuseIndex" >> ReadReuseIndex(config.reuse_from, manifest_lib.INDEX_PATH)
+
+
+def check_reuse(config: PreprocessConfig) -> PreprocessConfig:
+    """Drops --reuse_from when that output stored images another way (or is incomplete)."""
+    if not config.reuse_from:
+        return config
+    try:
+        earlier = manifest_lib.read_manifest(config.reuse_from)
+    except FileNotFoundError as err:
+        raise UsageError(f"--reuse_from: {err}") from err
+    if earlier["config"]["image"] != config.to_json()["image"] or "index_path" not in earlier:
+        print(f"[preprocess] {config.reuse_from} stored images with another config; "
+              "decoding everything", file=sys.stderr)
+        return dataclasses.replace(config, reuse_from=None)
+    return config
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -104,7 +154,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     logging.getLogger().setLevel(logging.WARNING)
     try:
         config, options = parse_args(sys.argv[1:] if argv is None else argv)
+        options = dataflow.prepare(config, options)  # checks; what Dataflow workers install
         listing = list_input(config)
+        config = check_reuse(config)
+        # Read before prepare_output: the baseline may sit in the output being replaced.
+        baseline = (stats_phase.load_baseline(config.baseline_stats)
+                    if config.baseline_stats else None)
         manifest_lib.prepare_output(config)
     except (UsageError, InputError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -114,12 +169,17 @@ def run(argv: Sequence[str] | None = None) -> int:
           f"{len(label_vocabulary(listing))} labels -> {config.output}", file=sys.stderr)
     started = time.monotonic()
     with _progress(config, listing, local) as progress_dir:
-        result = build_pipeline(config, options, listing, progress_dir).run()
-        result.wait_until_finish()
+        result = build_pipeline(config, options, listing, progress_dir, baseline).run()
+        if local:
+            result.wait_until_finish()
+        else:  # waits for a Dataflow job; a template or a Flex launch has none
+            code = dataflow.follow(result, config, options)
+    # Free the pipeline's reference cycles now, while every extension module is still
+    # loaded; left to the interpreter's last collection they can crash it (see main).
+    del result
+    gc.collect()
     if not local:
-        print(f"[preprocess] submitted; manifest appears at {config.output}/manifest.json "
-              "when the job completes", file=sys.stderr)
-        return 0
+        return code
     manifest = manifest_lib.read_manifest(config.output)
     elapsed = time.monotonic() - started
     print(summary(manifest, elapsed), file=sys.stderr)
@@ -152,11 +212,24 @@ def summary(manifest: dict, elapsed_s: float) -> str:
         f"[preprocess] accounting: {json.dumps(accounting)}",
         f"[preprocess] splits: {splits}",
         f"[preprocess] labels: {len(manifest['labels'])}; dead letters: {manifest['errors_path']}",
+        *([f"[preprocess] report: {manifest['report']}; statistics: {manifest['statistics']}; "
+           f"transform: {manifest['transform_output']}; drift: "
+           f"{manifest['anomalies']}"] if "report" in manifest else []),
     ])
 
 
 def main() -> None:
-    sys.exit(run())
+    code = run()
+    # A process that ran tf.Transform can segfault (exit 139) in the interpreter's final
+    # garbage collection, after all output is written: protobuf's upb extension frees a
+    # repeated-field container held in a Beam/tf.Transform reference cycle after its own
+    # module state is gone (PyUpb_RepeatedContainer_Dealloc -> PyModule_GetState(NULL);
+    # protocolbuffers/protobuf#22067). run() has finished every write, the manifest
+    # included, and gc'd the pipeline; skip the teardown so the exit code tells the truth.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
+import os
 import posixpath
+import re
+import unicodedata
 from collections import defaultdict
 
 from apache_beam.io.filesystem import BeamIOError
@@ -67,25 +69,79 @@ def list_class_folders(root: str) -> Listing:
             skipped.append(SkippedFile(path, "not_in_a_class_folder"))
         elif not is_image_name(path):
             skipped.append(SkippedFile(path, "not_an_image_name"))
+        elif problem := label_problem(parts[0]):
+            skipped.append(SkippedFile(path, problem))
         else:
-            sources.append(SourceFile(path, (parts[0],)))
+            sources.append(SourceFile(path, (clean_label(parts[0]),)))
     return _finish(root, sources, skipped, hidden)
 
 
-def list_labels_csv(csv_uri: str) -> Listing:
-    """Reads `uri,label` rows; several rows for one uri give it several labels."""
+# A labels CSV is untrusted input naming files the job reads with the job's own
+# credentials, and labels every later file format must hold (tf.Transform's vocabulary
+# file is one label a line). So: every uri must lie under one allowed root, and a row
+# that breaks a rule is a skipped entry `<csv>#L<line>` with a reason code; it is never
+# read, and it is counted in the manifest's `files_seen` and `skipped`.
+MAX_LABEL_CHARS = 128
+MAX_URI_CHARS = 1024  # GCS's own limit on object names
+# Controls (\n, \t, NUL, ...), format characters (zero-width, bidi overrides) and line or
+# paragraph separators: invisible or line-breaking in every file we write labels to.
+_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")  # "gs:", "file:", "http:", "c:" ...
+
+
+class _Rejected(ValueError):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def clean_label(text: str) -> str:
+    """The label as stored: stripped and NFC-normalised, so the same word typed on two
+    systems (macOS writes decomposed accents) is one class, not two."""
+    return unicodedata.normalize("NFC", text.strip())
+
+
+def label_problem(text: str) -> str | None:
+    """Reason code if `text` cannot be a label (empty, too long, control characters)."""
+    label = clean_label(text)
+    if not label:
+        return "malformed_csv_row"
+    if len(label) > MAX_LABEL_CHARS:
+        return "label_too_long"
+    if _has_forbidden_characters(label):
+        return "label_control_characters"
+    return None
+
+
+def _has_forbidden_characters(text: str) -> bool:
+    return any(unicodedata.category(c) in _FORBIDDEN_CATEGORIES for c in text)
+
+
+def list_labels_csv(csv_uri: str, allowed_root: str | None = None) -> Listing:
+    """Reads `uri,label` rows; several rows for one uri give it several labels.
+
+    Relative uris resolve against the CSV's folder. Every uri must lie under
+    `allowed_root` (default: the CSV's own folder or gs:// prefix); other schemes
+    (file://, http://), other buckets and `..` escapes are skipped rows, never read.
+    """
     text = _read_text(csv_uri)
     base = posixpath.dirname(csv_uri)
+    root = (allowed_root or base).rstrip("/") or "."
     labels_by_uri: dict[str, list[str]] = defaultdict(list)
     skipped = []
-    for line_number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
-        if not row or (line_number == 1 and [c.strip().lower() for c in row] == ["uri", "label"]):
+    for line_number, row in _csv_rows(text):
+        if line_number == 1 and row and [c.strip().lower() for c in row] == ["uri", "label"]:
             continue
-        if len(row) != 2 or not row[0].strip() or not row[1].strip():
-            skipped.append(SkippedFile(f"{csv_uri}#L{line_number}", "malformed_csv_row"))
+        try:
+            if row is None or len(row) != 2 or not row[0].strip() or not row[1].strip():
+                raise _Rejected("malformed_csv_row")
+            uri = resolve_uri(base, row[0].strip(), root)
+            if problem := label_problem(row[1]):
+                raise _Rejected(problem)
+        except _Rejected as rejected:
+            skipped.append(SkippedFile(f"{csv_uri}#L{line_number}", rejected.reason))
             continue
-        uri = _resolve(base, row[0].strip())
-        label = row[1].strip()
+        label = clean_label(row[1])
         if label not in labels_by_uri[uri]:
             labels_by_uri[uri].append(label)
     sources = []
@@ -99,6 +155,63 @@ def list_labels_csv(csv_uri: str) -> Listing:
     return _finish(csv_uri, sources, skipped, 0)
 
 
+def _csv_rows(text: str):
+    """(line number, fields or None if unparseable) per physical line.
+
+    Each line is parsed on its own: a stray quote would otherwise swallow every later
+    line into one field, and one bad row must never cost more than itself.
+    """
+    for line_number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if not line.strip():
+            continue
+        try:
+            yield line_number, next(csv.reader([line], strict=True))
+        except csv.Error:  # unbalanced quotes, a field over csv.field_size_limit()
+            yield line_number, None
+
+
+def resolve_uri(base: str, uri: str, root: str) -> str:
+    """`uri` from a CSV in folder `base`, made absolute and checked to lie under `root`.
+
+    Raises _Rejected with a reason code. The check is lexical (object stores have no
+    symlinks; a local root is trusted not to contain links that lead out of it).
+    """
+    if len(uri) > MAX_URI_CHARS:
+        raise _Rejected("uri_too_long")
+    if _has_forbidden_characters(uri):
+        raise _Rejected("uri_control_characters")
+    scheme = _SCHEME.match(uri)
+    if scheme and (scheme.group(1) != "gs" or not uri.startswith("gs://")):
+        raise _Rejected("uri_scheme_not_allowed")
+    if scheme or uri.startswith("/"):
+        resolved = _normalize(uri)
+    else:
+        resolved = _normalize(base.rstrip("/") + "/" + uri if base else uri)
+    if not _is_under(resolved, root):
+        raise _Rejected("uri_outside_root")
+    return resolved
+
+
+def _normalize(uri: str) -> str:
+    """Collapses `.` and `..`; a gs:// path that climbs out of its bucket is rejected."""
+    if not uri.startswith("gs://"):
+        return posixpath.normpath(uri)
+    bucket, _, name = uri.removeprefix("gs://").partition("/")
+    name = posixpath.normpath(name) if name else ""
+    if not bucket or name == ".." or name.startswith("../") or name.startswith("/"):
+        raise _Rejected("uri_outside_root")
+    return f"gs://{bucket}/{name}"
+
+
+def _is_under(uri: str, root: str) -> bool:
+    if root.startswith("gs://") != uri.startswith("gs://"):
+        return False  # a local path in a gs:// CSV, or the other way round
+    if not uri.startswith("gs://"):
+        uri, root = os.path.abspath(uri), os.path.abspath(root)
+    return uri == root or uri.startswith(root.rstrip("/") + "/")
+
+
 def _finish(where: str, sources: list, skipped: list, hidden: int) -> Listing:
     if not sources and not skipped:
         raise InputError(f"no files found under {where}")
@@ -108,14 +221,6 @@ def _finish(where: str, sources: list, skipped: list, hidden: int) -> Listing:
         tuple(sorted(sources, key=lambda s: s.uri)),
         tuple(sorted(skipped, key=lambda s: s.uri)),
         hidden,
-    )
-
-
-def _resolve(base: str, uri: str) -> str:
-    if "://" in uri or uri.startswith("/"):
-        return uri
-    return posixpath.normpath(posixpath.join(base, uri)) if "://" not in base else (
-        base.rstrip("/") + "/" + posixpath.normpath(uri)
     )
 
 

@@ -23,6 +23,7 @@ from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.tfrecordio import _TFRecordUtil
 from apache_beam.metrics import Metrics
+from google.api_core import exceptions as google_errors
 
 from pipelines import records, splits
 from pipelines.imaging import DecodeError, ImageSpec, process_image
@@ -49,6 +50,7 @@ class DecodedImage:
     source_format: str
     channel_sums: tuple[float, float, float]  # of the stored (resized) pixels
     channel_squared_sums: tuple[float, float, float]
+    reused: bool = False  # stored bytes taken from an earlier run's shard, not decoded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +70,7 @@ class UniqueImage:
     channel_squared_sums: tuple[float, float, float]
     split: str
     order: str  # salted hash: the position within the split
+    reused: bool = False
 
     @property
     def stored_bytes(self) -> int:
@@ -103,6 +106,43 @@ class ShardInfo:
     num_examples: int
     num_bytes: int
     class_counts: dict[str, int]
+    num_reused: int = 0
+    # One ReuseEntry-shaped dict per record: where its image bytes sit in this shard.
+    index_rows: tuple[dict, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ReuseEntry:
+    """An image already stored by an earlier run with the same image config."""
+
+    sha256: str
+    spill: SpillRef  # the encoded image inside that run's shard file
+    original_height: int
+    original_width: int
+    source_format: str
+    channel_sums: tuple[float, float, float]
+    channel_squared_sums: tuple[float, float, float]
+
+    @classmethod
+    def from_index_row(cls, row: dict, root: str) -> ReuseEntry:
+        """An index row written by `WriteShardFn` under output `root`."""
+        return cls(
+            sha256=row["sha256"],
+            spill=SpillRef(FileSystems.join(root, *row["path"].split("/")), row["offset"],
+                           row["length"]),
+            original_height=row["original_height"],
+            original_width=row["original_width"],
+            source_format=row["source_format"],
+            channel_sums=tuple(row["channel_sums"]),
+            channel_squared_sums=tuple(row["channel_squared_sums"]),
+        )
+
+
+# A file that cannot be read for good is a dead letter. On gs:// that is 404 (deleted
+# since the listing: it failed the whole job before) or 403; transient errors are
+# retried by the storage client and, once its deadline passes (RetryError), fail the
+# bundle so the runner retries it: a flaky read never silently drops an image.
+_PERMANENT_READ_ERRORS = (BeamIOError, OSError, google_errors.NotFound, google_errors.Forbidden)
 
 
 def _count(name: str, n: int = 1) -> None:
@@ -126,13 +166,21 @@ class DecodeSourceFn(beam.DoFn):
     def start_bundle(self) -> None:
         self._spill = SpillWriter(self._spill_dir)
 
-    def process(self, source: SourceFile) -> Iterator:
+    def process(self, source: SourceFile, reuse: dict[str, ReuseEntry] | None = None) -> Iterator:
+        """`reuse`: sha256 -> image an earlier run stored with the same image config."""
         try:
             data = _read_bytes(source.uri)
-        except (BeamIOError, OSError) as err:
+        except _PERMANENT_READ_ERRORS as err:
             _count("errors_read")
             yield beam.pvalue.TaggedOutput(ERRORS_TAG, ErrorRow(source.uri, "unreadable", "read",
                                                                 str(err)[:500]))
+            return
+        sha256 = hashlib.sha256(data).hexdigest()
+        if reuse and sha256 in reuse:
+            _count("images_reused")
+            if self._progress is not None:
+                self._progress.add()
+            yield _reused_image(source, reuse[sha256], len(data))
             return
         try:
             image = process_image(data, self._spec)
@@ -156,7 +204,7 @@ class DecodeSourceFn(beam.DoFn):
                 self._progress.add()
         _count("images_decoded")
         yield DecodedImage(
-            sha256=hashlib.sha256(data).hexdigest(),
+            sha256=sha256,
             uri=source.uri,
             labels=source.labels,
             spill=self._spill.append(image.encoded),
@@ -174,6 +222,22 @@ class DecodeSourceFn(beam.DoFn):
     def teardown(self) -> None:
         if self._progress is not None:
             self._progress.flush()
+
+
+def _reused_image(source: SourceFile, entry: ReuseEntry, source_bytes: int) -> DecodedImage:
+    return DecodedImage(
+        sha256=entry.sha256,
+        uri=source.uri,
+        labels=source.labels,
+        spill=entry.spill,
+        source_bytes=source_bytes,
+        original_height=entry.original_height,
+        original_width=entry.original_width,
+        source_format=entry.source_format,
+        channel_sums=entry.channel_sums,
+        channel_squared_sums=entry.channel_squared_sums,
+        reused=True,
+    )
 
 
 def _read_bytes(uri: str) -> bytes:
@@ -202,6 +266,7 @@ def merge_duplicates(
         channel_squared_sums=keep.channel_squared_sums,
         split=splits.assign_split(sha256, config.splits, config.split_salt),
         order=splits.order_key(sha256, config.split_salt),
+        reused=keep.reused,
     )
 
 
@@ -266,19 +331,25 @@ class WriteShardFn(beam.DoFn):
         blobs = read_spilled(image.spill for image in plan.images)
         class_counts: Counter[str] = Counter()
         num_bytes = 0
+        index_rows = []
         with FileSystems.create(temporary) as handle:
             for image in plan.images:
-                record = self._example(image, blobs[image.spill])
+                encoded = blobs[image.spill]
+                record, image_offset = self._example(image, encoded)
                 _TFRecordUtil.write_record(handle, record)
+                index_rows.append(_index_row(image, relative, num_bytes + _RECORD_HEADER_BYTES
+                                             + image_offset, len(encoded)))
                 num_bytes += _TFRecordUtil.encoded_num_bytes(record)
                 class_counts.update(image.labels)
         FileSystems.rename([temporary], [final_path])
         _count("records_written", len(plan.images))
         yield ShardInfo(plan.split, plan.index, relative, len(plan.images), num_bytes,
-                        dict(sorted(class_counts.items())))
+                        dict(sorted(class_counts.items())),
+                        num_reused=sum(image.reused for image in plan.images),
+                        index_rows=tuple(index_rows))
 
-    def _example(self, image: UniqueImage, encoded: bytes) -> bytes:
-        return records.make_example(
+    def _example(self, image: UniqueImage, encoded: bytes) -> tuple[bytes, int]:
+        return records.make_example_locating_image(
             encoded=encoded,
             image_format=self._spec.image_format.value,
             height=self._spec.height,
@@ -289,6 +360,44 @@ class WriteShardFn(beam.DoFn):
             sha256=image.sha256,
             original_height=image.original_height,
             original_width=image.original_width,
+        )
+
+
+_RECORD_HEADER_BYTES = 12  # TFRecord framing before the payload: length (8) + its CRC (4)
+
+
+def _index_row(image: UniqueImage, shard_path: str, offset: int, length: int) -> dict:
+    """Where this run stored `image`, for `ReuseEntry.from_index_row` in a later run."""
+    return {
+        "sha256": image.sha256,
+        "path": shard_path,
+        "offset": offset,
+        "length": length,
+        "original_height": image.original_height,
+        "original_width": image.original_width,
+        "source_format": image.source_format,
+        "channel_sums": list(image.channel_sums),
+        "channel_squared_sums": list(image.channel_squared_sums),
+    }
+
+
+class ReadReuseIndex(beam.PTransform):
+    """(sha256, ReuseEntry) for every image stored by the earlier output at `root`."""
+
+    def __init__(self, root: str, index_path: str):
+        super().__init__()
+        self._root = root
+        self._index_path = index_path
+
+    def expand(self, pipeline):
+        root = self._root
+        index = FileSystems.join(root, *self._index_path.split("/"))
+        return (
+            pipeline
+            | "ReadIndex" >> beam.io.ReadFromText(index)
+            | "ParseIndex" >> beam.Map(json.loads)
+            | "ToEntries" >> beam.Map(lambda row: (row["sha256"],
+                                                   ReuseEntry.from_index_row(row, root)))
         )
 
 

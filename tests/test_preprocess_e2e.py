@@ -1,6 +1,7 @@
 """The preprocessing command end to end on a corpus made here, on the real DirectRunner."""
 
 import json
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -134,7 +135,7 @@ def test_labels_csv_gives_several_labels_to_one_image(corpus_dir, tmp_path):
     csv.write_text("uri,label\n"
                    "imgs/dog/photo0.jpg,dog\n"
                    "imgs/dog/photo0.jpg,outdoor\n"
-                   f"{root / 'cat' / 'photo1.jpg'},cat\n")
+                   f"{tmp_path / 'imgs' / 'cat' / 'photo1.jpg'},cat\n")  # absolute, in root
     out = tmp_path / "out"
     run_ok("--labels", str(csv), "--output", str(out), *ARGS, "--direct_running_mode",
            "in_memory")
@@ -169,3 +170,30 @@ def test_stored_pixels_match_imaging_module(output, corpus_dir):
     assert row[records.ENCODED] == expected
     assert np.array_equal(tf.io.decode_jpeg(expected).numpy(),
                           tf.io.decode_jpeg(row[records.ENCODED]).numpy())
+
+
+def test_reuse_from_earlier_output_skips_decoding_and_gives_identical_shards(
+        output, corpus_dir, tmp_path):
+    """Only new content is decoded; the shards equal a from-scratch run's byte for byte."""
+    raw = tmp_path / "raw"
+    shutil.copytree(corpus_dir[0], raw)
+    (raw / "cat" / "new.png").write_bytes(corpus.encode(corpus.noise(50, 70, 999), "PNG"))
+    incremental, scratch = tmp_path / "incremental", tmp_path / "scratch"
+    run_ok("--input", str(raw), "--output", str(incremental), *ARGS, "--reuse_from", str(output))
+    run_ok("--input", str(raw), "--output", str(scratch), *ARGS)
+    first = read_manifest(str(incremental))
+    assert first["accounting"]["reused"] == first["accounting"]["images_written"] - 1
+    assert read_manifest(str(scratch))["accounting"]["reused"] == 0
+    for entry in first["splits"].values():
+        for shard in entry["shards"]:
+            assert _without_uris(incremental / shard["path"]) == _without_uris(
+                scratch / shard["path"])
+
+
+def _without_uris(path) -> list[bytes]:
+    rows = []
+    for raw in tf.data.TFRecordDataset(str(path)):
+        example = tf.train.Example.FromString(raw.numpy())
+        del example.features.feature[records.SOURCE_ID]
+        rows.append(example.SerializeToString(deterministic=True))
+    return rows

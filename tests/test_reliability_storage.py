@@ -1,0 +1,97 @@
+"""Flaky storage: a gs:// -> gs:// run through 10 % failing requests gives the same bytes.
+
+Faults come from `tests/faults.py` (a seeded proxy in front of fake-gcs-server): 503 and
+429 answers, connections reset before a request is applied, after it is applied (the
+answer is lost), and mid-body, plus delays. Nothing in the pipeline knows about them:
+recovery is the storage client's retry (google.api_core.retry.Retry with
+google.cloud.storage's predicate) that Beam's GcsIO passes to every call; see README
+"Flaky storage".
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from apache_beam.io.filesystems import FileSystems
+
+from pipelines import preprocess
+from pipelines.imaging import ImageSpec
+from pipelines.manifest import read_manifest
+from pipelines.sources import SourceFile
+from pipelines.transforms import DecodeSourceFn
+from tests import corpus
+from tests.faults import FAILURE_KINDS, FaultPlan, FlakyGcsEmulator
+
+ARGS = ["--image_size", "32,48", "--num_shards", "2", "--no_progress"]
+
+
+@pytest.fixture(scope="module")
+def flaky(tmp_path_factory):
+    plan = FaultPlan(rate=0.10, seed=3)
+    with FlakyGcsEmulator(plan) as emulator:
+        raw = tmp_path_factory.mktemp("raw")
+        expected = corpus.write_corpus(raw)
+        emulator.create_bucket("images")
+        emulator.upload_folder(str(raw), "gs://images/raw")
+        yield emulator, plan, expected
+
+
+def _read(path: str) -> bytes:
+    with FileSystems.open(path, compression_type="uncompressed") as handle:
+        return handle.read()
+
+
+def test_ten_percent_failing_requests_give_byte_identical_output(flaky):
+    emulator, plan, expected = flaky
+    # Reference: fault-free, one process (parallelism does not change bytes: e2e tests).
+    assert preprocess.run(["--input", "gs://images/raw", "--output", "gs://images/clean",
+                           *ARGS, "--direct_running_mode", "in_memory"]) == 0
+    with plan.active():  # the real default: multi-processing workers, each with a client
+        assert preprocess.run(["--input", "gs://images/raw", "--output", "gs://images/flaky",
+                               *ARGS]) == 0
+
+    share = plan.failures / plan.requests
+    print(f"{plan.requests} requests, {plan.failures} failed ({share:.0%}): "
+          f"{dict(plan.injected)}")
+    assert 0.05 <= share <= 0.2, plan.injected
+    assert all(plan.injected[kind] for kind in FAILURE_KINDS), plan.injected
+
+    clean, flaky_manifest = read_manifest("gs://images/clean"), read_manifest("gs://images/flaky")
+    assert {k: flaky_manifest["accounting"][k] for k in expected} == expected
+    assert flaky_manifest["splits"] == clean["splits"]
+    assert flaky_manifest["skipped"] == clean["skipped"]
+    shards = [s["path"] for entry in clean["splits"].values() for s in entry["shards"]]
+    for relative in [*shards, "errors/errors.jsonl", "index/images.jsonl"]:
+        assert _read(f"gs://images/flaky/{relative}") == _read(f"gs://images/clean/{relative}"), \
+            relative
+    errors = [json.loads(line) for line in _read("gs://images/flaky/errors/errors.jsonl")
+              .decode().splitlines()]
+    assert all(e["stage"] == "decode" for e in errors)  # no read error leaked through
+    assert FileSystems.match(["gs://images/flaky/_tmp/**"])[0].metadata_list == []
+    assert not FileSystems.exists("gs://images/flaky/_IN_PROGRESS")
+
+
+def test_a_file_deleted_after_listing_is_a_dead_letter_not_a_failed_job(flaky, tmp_path):
+    """404 on read (the object went away since the listing) used to escape the DoFn as
+    google.api_core NotFound and fail the whole job; locally it was already a dead letter."""
+    fn = DecodeSourceFn(ImageSpec(32, 48), str(tmp_path), None)
+    fn.setup()
+    fn.start_bundle()
+    (out,) = fn.process(SourceFile("gs://images/raw/cat/gone.jpg", ("cat",)))
+    assert out.value.reason == "unreadable" and "404" in out.value.detail
+
+
+def test_fault_plan_is_deterministic_and_bounded():
+    decisions = []
+    for _ in range(2):
+        plan = FaultPlan(rate=0.5, seed=9, max_consecutive=2)
+        with plan.active():
+            decisions.append([plan.decide("GET", f"/o/{i % 5}?upload_id=abc{i}")[0]
+                              for i in range(200)])
+    assert decisions[0] == decisions[1]
+    streak = longest = 0
+    for kind in [d for i, d in enumerate(decisions[0]) if i % 5 == 0]:  # one key's attempts
+        streak = streak + 1 if kind else 0
+        longest = max(longest, streak)
+    assert 0 < longest <= 2
