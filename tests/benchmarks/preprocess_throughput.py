@@ -46,7 +46,7 @@ def pil_decode_resize_encode(path: str) -> int:
         image.draft("RGB", (224, 224))
         resized = image.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR)
     buffer = io.BytesIO()
-    resized.save(buffer, format="JPEG", quality=95, subsampling=0)
+    resized.save(buffer, format="JPEG", quality=95, subsampling=2)
     return len(buffer.getvalue())
 
 
