@@ -186,9 +186,15 @@ def beam_options(beam_args: Sequence[str]) -> PipelineOptions:
     if standard.runner in ("DirectRunner", "direct", "PrismRunner") and not _has_flag(
         beam_args, "--direct_running_mode"
     ):
+        # Threads, one per core: decode, resize and encode run in PIL's C code with the
+        # GIL released, so threads use every core without each worker process paying
+        # ~4 s to import TensorFlow (tf.Transform needs it). Measured on 2,000 photos,
+        # 2 cores: 21.9 s and 0.9 GB with threads vs 35.4 s and 2.4 GB (process tree)
+        # with multi_processing. `--direct_running_mode multi_processing` still works.
         direct = options.view_as(DirectOptions)
-        direct.direct_running_mode = "multi_processing"
-        direct.direct_num_workers = os.cpu_count() or 1
+        direct.direct_running_mode = "multi_threading"
+        if not _has_flag(beam_args, "--direct_num_workers"):
+            direct.direct_num_workers = os.cpu_count() or 1
     return options
 
 

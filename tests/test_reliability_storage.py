@@ -47,7 +47,7 @@ def test_ten_percent_failing_requests_give_byte_identical_output(flaky):
     # Reference: fault-free, one process (parallelism does not change bytes: e2e tests).
     assert preprocess.run(["--input", "gs://images/raw", "--output", "gs://images/clean",
                            *ARGS, "--direct_running_mode", "in_memory"]) == 0
-    with plan.active():  # the real default: multi-processing workers, each with a client
+    with plan.active():
         assert preprocess.run(["--input", "gs://images/raw", "--output", "gs://images/flaky",
                                *ARGS]) == 0
 
