@@ -50,10 +50,11 @@ def prepare_output(config: PreprocessConfig) -> None:
 
 def _entries(root: str) -> set[str]:
     """Top-level names under `root` (files and folders); empty if it does not exist."""
-    try:
+    try:  # a missing local folder or bucket prefix matches nothing, without an error
         matches = FileSystems.match([root.rstrip("/") + "/**"])[0].metadata_list
-    except Exception:  # noqa: BLE001 - a missing local folder or bucket prefix means "empty"
-        return set()
+    except Exception as err:  # noqa: BLE001 - storage clients raise many kinds
+        # Not "empty": guessing so on flaky storage would skip the overwrite check.
+        raise UsageError(f"cannot list the output {root}: {err}") from err
     prefix = root.rstrip("/") + "/"
     return {m.path[len(prefix):].split("/", 1)[0] for m in matches if m.path.startswith(prefix)}
 

@@ -133,7 +133,9 @@ def test_killed_runs_never_look_complete_and_the_rerun_is_exact(raw, tmp_path):
             shutil.rmtree(out)  # the next run would need --overwrite
     print("\n".join(f"{name}: killed after {took}s, {state}, left {left}"
                     for name, state, took, left in outcomes))
-    assert sum(state == "incomplete" for _, state, _, _ in outcomes) >= 3, outcomes
+    # Decoding and first-shard kills always cut a run short; the later ones may land
+    # after the manifest on a fast machine, which is checked above as complete and exact.
+    assert sum(state == "incomplete" for _, state, _, _ in outcomes) >= 2, outcomes
 
     # The same command again: it must clean whatever the kills left, alone.
     rerun = subprocess.run(_command(raw, out, "multi_processing"), capture_output=True,
