@@ -101,21 +101,12 @@ def _serialize_with_offsets(features: dict[str, bytes]) -> tuple[bytes, dict[str
     return outer_header + body, {k: v + len(outer_header) for k, v in starts.items()}
 
 
-def make_example(
-    *,
-    encoded: bytes,
-    image_format: str,
-    height: int,
-    width: int,
-    label_ids: Sequence[int],
-    labels: Sequence[str],
-    source_uris: Sequence[str],
-    sha256: str,
-    original_height: int,
-    original_width: int,
-) -> bytes:
-    """One serialised `tf.train.Example` of the contract (deterministic bytes)."""
-    return make_example_locating_image(**locals())[0]
+def make_example(**fields) -> bytes:
+    """One serialised `tf.train.Example` of the contract (deterministic bytes).
+
+    Keyword arguments: see `example_features`.
+    """
+    return make_example_locating_image(**fields)[0]
 
 
 def make_example_locating_image(**fields) -> tuple[bytes, int]:
@@ -124,14 +115,13 @@ def make_example_locating_image(**fields) -> tuple[bytes, int]:
     Lets a later run reuse an image straight out of this run's shards, by offset,
     without parsing or decoding anything.
     """
-    encoded = fields["encoded"]
-    features = _features(**fields)
+    features = example_features(**fields)
     record, starts = _serialize_with_offsets(features)
     # The encoded bytes are the tail of their Feature message (BytesList of one value).
-    return record, starts[ENCODED] + len(features[ENCODED]) - len(encoded)
+    return record, starts[ENCODED] + len(features[ENCODED]) - len(fields["encoded"])
 
 
-def _features(
+def example_features(
     *,
     encoded: bytes,
     image_format: str,
@@ -144,6 +134,7 @@ def _features(
     original_height: int,
     original_width: int,
 ) -> dict[str, bytes]:
+    """The contract's keys -> encoded Feature messages."""
     return {
         ENCODED: _bytes_feature([encoded]),
         FORMAT: _bytes_feature([image_format.encode()]),
