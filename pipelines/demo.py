@@ -9,6 +9,7 @@ where every output is.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -44,7 +45,8 @@ def main() -> int:
 
 def _run(module: str, *args: str) -> int:
     print(f"[demo] python -m {module} {' '.join(args)}", flush=True)
-    return subprocess.call([sys.executable, "-m", module, *args])
+    quiet_tf = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}  # TensorFlow's C++ start-up chatter
+    return subprocess.call([sys.executable, "-m", module, *args], env=quiet_tf)
 
 
 def _trainer_available() -> bool:
