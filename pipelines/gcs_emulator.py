@@ -186,18 +186,25 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             pass  # trailers
 
     def _reply(self, response: http.client.HTTPResponse, data: bytes) -> None:
-        # send_response_only: the upstream's Date and Server headers are passed on,
-        # send_response would add a second copy of each.
-        self.send_response_only(response.status, response.reason)
-        for key, value in response.getheaders():
-            if key.lower() not in _HOP_HEADERS:
-                self.send_header(key, value)
-        # A HEAD answer carries the length of the body it did not send.
-        length = response.getheader("Content-Length", "0") if self.command == "HEAD" else None
-        self.send_header("Content-Length", length or str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        relay_response(self, response, data)
+
+
+def relay_response(
+    handler: BaseHTTPRequestHandler, response: http.client.HTTPResponse, data: bytes
+) -> None:
+    """Sends the upstream `response` (body `data`) back through a proxy's `handler`."""
+    # send_response_only: the upstream's Date and Server headers are passed on,
+    # send_response would add a second copy of each.
+    handler.send_response_only(response.status, response.reason)
+    for key, value in response.getheaders():
+        if key.lower() not in _HOP_HEADERS:
+            handler.send_header(key, value)
+    # A HEAD answer carries the length of the body it did not send.
+    length = response.getheader("Content-Length", "0") if handler.command == "HEAD" else None
+    handler.send_header("Content-Length", length or str(len(data)))
+    handler.end_headers()
+    if handler.command != "HEAD":
+        handler.wfile.write(data)
 
 
 class _Proxy(ThreadingHTTPServer):

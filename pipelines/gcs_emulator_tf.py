@@ -34,7 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 
-from pipelines.gcs_emulator import HOST, GcsEmulator
+from pipelines.gcs_emulator import HOST, GcsEmulator, relay_response
 
 # The hosts TensorFlow's GCS client calls (and Google's OAuth host, never called here).
 GOOGLE_HOSTS = ("www.googleapis.com", "storage.googleapis.com", "oauth2.googleapis.com")
@@ -117,15 +117,7 @@ class _ForwardHandler(BaseHTTPRequestHandler):
             return
         finally:
             connection.close()
-        self.send_response_only(response.status, response.reason)
-        for key, value in response.getheaders():
-            if key.lower() not in _HOP_HEADERS:
-                self.send_header(key, value)
-        length = response.getheader("Content-Length", "0") if self.command == "HEAD" else None
-        self.send_header("Content-Length", length or str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        relay_response(self, response, data)
 
     do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
 
