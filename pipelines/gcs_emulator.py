@@ -174,19 +174,25 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             connection.close()
 
     def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            return b"".join(self._read_chunks())
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-    def _read_chunks(self) -> Iterator[bytes]:
-        while size := int(self.rfile.readline().split(b";")[0], 16):
-            yield self.rfile.read(size)
-            self.rfile.readline()  # the CRLF after each chunk
-        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-            pass  # trailers
+        return read_request_body(self)
 
     def _reply(self, response: http.client.HTTPResponse, data: bytes) -> None:
         relay_response(self, response, data)
+
+
+def read_request_body(handler: BaseHTTPRequestHandler) -> bytes:
+    """The body of the request `handler` is serving, plain or chunked."""
+    if handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        return b"".join(_read_chunks(handler))
+    return handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+
+
+def _read_chunks(handler: BaseHTTPRequestHandler) -> Iterator[bytes]:
+    while size := int(handler.rfile.readline().split(b";")[0], 16):
+        yield handler.rfile.read(size)
+        handler.rfile.readline()  # the CRLF after each chunk
+    while handler.rfile.readline() not in (b"\r\n", b"\n", b""):
+        pass  # trailers
 
 
 def relay_response(

@@ -29,12 +29,11 @@ import os
 import ssl
 import tempfile
 import threading
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 
-from pipelines.gcs_emulator import HOST, GcsEmulator, relay_response
+from pipelines.gcs_emulator import HOST, GcsEmulator, read_request_body, relay_response
 
 # The hosts TensorFlow's GCS client calls (and Google's OAuth host, never called here).
 GOOGLE_HOSTS = ("www.googleapis.com", "storage.googleapis.com", "oauth2.googleapis.com")
@@ -100,7 +99,7 @@ class _ForwardHandler(BaseHTTPRequestHandler):
     server: _Bridge
 
     def do_GET(self) -> None:
-        body = self._read_body()
+        body = read_request_body(self)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
         # fake-gcs-server serves storage.googleapis.com-style downloads (/bucket/object)
         # only to its "public host", which is the emulator's own address.
@@ -124,17 +123,6 @@ class _ForwardHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         pass
 
-    def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            return b"".join(self._read_chunks())
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-    def _read_chunks(self) -> Iterator[bytes]:
-        while size := int(self.rfile.readline().split(b";")[0], 16):
-            yield self.rfile.read(size)
-            self.rfile.readline()
-        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-            pass
 
 
 class _ConnectHandler(BaseHTTPRequestHandler):
