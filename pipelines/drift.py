@@ -47,13 +47,13 @@ def normalize(counts: Mapping[str, float]) -> dict[str, float]:
 
 def linf_distance(p: Mapping[str, float], q: Mapping[str, float]) -> float:
     """max over keys of |p - q| of two distributions (missing keys are 0)."""
-    keys = set(p) | set(q)
+    keys = sorted(set(p) | set(q))
     return max((abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in keys), default=0.0)
 
 
 def js_divergence(p: Mapping, q: Mapping) -> float:
     """Jensen-Shannon divergence (log base 2, so 0..1) of two distributions."""
-    keys = set(p) | set(q)
+    keys = sorted(set(p) | set(q))  # fixed order: the float sum is reproducible
 
     def kl(a: Mapping, m: Mapping) -> float:
         return sum(a[k] * math.log2(a[k] / m[k]) for k in keys if a.get(k, 0.0) > 0)
@@ -174,7 +174,9 @@ def detect_drift(
         metrics.setdefault("label_linf", {})[split] = linf
         metrics.setdefault("label_js", {})[split] = js
         if linf > thresholds.label_linf or js > thresholds.label_js:
-            worst = max(set(p) | set(q), key=lambda k: abs(p.get(k, 0) - q.get(k, 0)))
+            # Sorted first so a tie names the same label on every run (set order is
+            # salted per process).
+            worst = max(sorted(set(p) | set(q)), key=lambda k: abs(p.get(k, 0) - q.get(k, 0)))
             flag("label_distribution_shift", "warning", split, stats_lib.LABELS,
                  {"linf": linf, "js": js},
                  {"linf": thresholds.label_linf, "js": thresholds.label_js},
