@@ -19,6 +19,7 @@ from pipelines import records
 from trainer import config as config_lib
 from trainer import input as input_lib
 from trainer import train
+from trainer.model import make_model
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,16 @@ def test_saved_model_serves_raw_bytes_like_the_stored_images(trained, photo_prep
     assert [s.decode() for s in on_original["label"]] == list(labels[on_original["class_id"]])
     truth = [e.features.feature[records.LABEL].int64_list.value[0] for e in examples]
     assert np.mean(on_original["class_id"] == truth) >= 0.8  # mostly train images
+
+
+def test_linear_probe_pools_as_global_average_pooling():
+    images = np.random.default_rng(0).integers(0, 256, (4, 24, 40, 3), dtype=np.uint8)
+    mean, std = np.array([100.0, 120.0, 140.0]), np.array([50.0, 60.0, 70.0])
+    probe = make_model("linear", images.shape[1:], 5, mean, std)
+    pooled = keras.layers.GlobalAveragePooling2D()(images.astype(np.float32))
+    dense = probe.get_layer("probabilities")
+    expected = dense((np.asarray(pooled) - mean) / std)
+    np.testing.assert_allclose(probe(images), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_fallback_statistics_agree_with_the_transform_output(photo_prep):

@@ -71,6 +71,19 @@ def epoch_seconds(dataset, steps: int | None, epochs: int) -> list[tuple[float, 
     return timer.seconds[1:]
 
 
+def input_only_seconds(dataset, steps: int) -> tuple[float, float]:
+    """(wall, CPU) seconds to pull `steps` batches with no model: the rate a host whose
+    model runs on an accelerator could feed it (after a warm-up epoch, as fit's first
+    epoch is left out)."""
+    batches = iter(dataset)
+    for _ in range(steps):
+        next(batches)
+    started = (time.perf_counter(), cpu_seconds())
+    for _ in range(steps):
+        next(batches)
+    return time.perf_counter() - started[0], cpu_seconds() - started[1]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=2000)
@@ -105,24 +118,29 @@ def main(argv: list[str] | None = None) -> None:
     }
     best: dict[str, float] = defaultdict(float)  # images per wall second
     per_cpu: dict[str, list[float]] = defaultdict(list)  # images per CPU second
+    feed: dict[str, float] = defaultdict(float)  # input alone, images per wall second
     for _ in range(args.rounds):
         for name, make in sides.items():
             dataset, fit_steps, seen = make()
             for wall, cpu in epoch_seconds(dataset, fit_steps, args.epochs):
                 best[name] = max(best[name], seen / wall)
                 per_cpu[name].append(seen / cpu)
+            wall, _ = input_only_seconds(make()[0].repeat(), steps)
+            feed[name] = max(feed[name], steps * BATCH / wall)
     print(f"cores: {os.cpu_count()}, images: {images} (500x375 JPEG -> {SIZE}x{SIZE}), "
           f"batch {BATCH}, linear probe, {args.rounds} rounds; load average now "
           f"{os.getloadavg()[0]:.1f}")
     keras_name = next(iter(sides))
     base_wall, base_cpu = best[keras_name], float(np.median(per_cpu[keras_name]))
-    print(f"{'input':40s} {'images/s':>9s} {'ratio':>6s} {'images/CPU-s':>13s} {'ratio':>6s}")
+    print(f"{'input':40s} {'images/s':>9s} {'ratio':>6s} {'images/CPU-s':>13s} {'ratio':>6s} "
+          f"{'input alone':>12s} {'ratio':>6s}")
     for name in sides:
         cpu_rate = float(np.median(per_cpu[name]))
         print(f"{name:40s} {best[name]:9.0f} {best[name] / base_wall:6.2f} {cpu_rate:13.0f} "
-              f"{cpu_rate / base_cpu:6.2f}")
+              f"{cpu_rate / base_cpu:6.2f} {feed[name]:12.0f} {feed[name] / feed[keras_name]:6.2f}")
     print("images/s: best epoch (wall clock); images/CPU-s: median epoch, images per second "
-          "of CPU used by this process (what a busy machine does not distort)")
+          "of CPU used by this process (what a busy machine does not distort); input alone: "
+          "best images/s of the input with no model (what a host feeding a GPU gets)")
 
 
 if __name__ == "__main__":
