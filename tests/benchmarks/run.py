@@ -17,7 +17,9 @@ BENCHMARKS = (
      "tests.benchmarks.stats_overhead", ["--repeats", "1"]),
     ("Input pipeline vs image_dataset_from_directory (linear probe, 224 px)",
      "tests.benchmarks.trainer_vs_keras", []),
-    ("Training epoch peak RSS at 1k vs 4k images", "tests.benchmarks.trainer_memory", []),
+    ("Training epoch peak RSS at 1k / 4k / 16k images", "tests.benchmarks.trainer_memory", []),
+    ("Sampling uniformity over 1:2:3 shards: naive interleave vs ours",
+     "tests.benchmarks.sampling_uniformity", []),
 )
 
 

@@ -10,6 +10,7 @@ the preprocess output of exactly those files, every image in `train`):
 - keras: `image_dataset_from_directory(raw) .prefetch()`: decodes and resizes every
   raw JPEG every epoch;
 - ours: `trainer.input.train_dataset` over the default shards (224 px JPEG, q95);
+- ours, PNG shards: the same over `--image_format png` shards (lossless, decoded);
 - ours, raw shards: the same over `--image_format raw` shards (no decode at all);
 - ours, cache: default shards with `--cache memory` (decoded once, epoch 1 excluded).
 
@@ -84,6 +85,15 @@ def input_only_seconds(dataset, steps: int) -> tuple[float, float]:
     return time.perf_counter() - started[0], cpu_seconds() - started[1]
 
 
+def print_storage(raw, specs: dict[str, input_lib.DataSpec]) -> None:
+    """Bytes on disk per image: the other half of the shard format choice."""
+    files = list(raw.rglob("*.jpg"))
+    source = sum(p.stat().st_size for p in files) / len(files)
+    sizes = {name: spec.record_bytes("train") for name, spec in specs.items()}
+    print(f"bytes per image: source JPEGs {source / 1024:.1f} KiB; shards " + ", ".join(
+        f"{name} {size / 1024:.1f} KiB ({size / source:.2f}x)" for name, size in sizes.items()))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=2000)
@@ -91,9 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=3, help="per fit (the first is dropped)")
     args = parser.parse_args(argv)
     raw, jpeg_prep = prepared(args.images, SIZE)
-    _, raw_prep = prepared(args.images, SIZE, "raw")
+    outputs = {"jpeg": jpeg_prep, "png": prepared(args.images, SIZE, "png")[1],
+               "raw": prepared(args.images, SIZE, "raw")[1]}
     specs = {name: input_lib.DataSpec.from_manifest(str(p), json.loads(
-        (p / "manifest.json").read_text())) for name, p in (("jpeg", jpeg_prep), ("raw", raw_prep))}
+        (p / "manifest.json").read_text())) for name, p in outputs.items()}
     images = specs["jpeg"].num_examples("train")
     steps = input_lib.steps_per_epoch(images, BATCH)
     for path in raw.rglob("*.jpg"):  # every side starts from the page cache
@@ -111,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
         "keras image_dataset_from_directory": lambda: (keras_loader(), None, images),
         "ours, JPEG shards (default)": lambda: (
             input_lib.train_dataset(specs["jpeg"], BATCH), steps, steps * BATCH),
+        "ours, PNG shards (--image_format png)": lambda: (
+            input_lib.train_dataset(specs["png"], BATCH), steps, steps * BATCH),
         "ours, raw shards (--image_format raw)": lambda: (
             input_lib.train_dataset(specs["raw"], BATCH), steps, steps * BATCH),
         "ours, JPEG shards, --cache memory": lambda: (
@@ -138,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         cpu_rate = float(np.median(per_cpu[name]))
         print(f"{name:40s} {best[name]:9.0f} {best[name] / base_wall:6.2f} {cpu_rate:13.0f} "
               f"{cpu_rate / base_cpu:6.2f} {feed[name]:12.0f} {feed[name] / feed[keras_name]:6.2f}")
+    print_storage(raw, specs)
     print("images/s: best epoch (wall clock); images/CPU-s: median epoch, images per second "
           "of CPU used by this process (what a busy machine does not distort); input alone: "
           "best images/s of the input with no model (what a host feeding a GPU gets)")
