@@ -167,6 +167,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     local = options.view_as(StandardOptions).runner in LOCAL_RUNNERS
     print(f"[preprocess] {len(listing.sources)} image files, {len(listing.skipped)} skipped, "
           f"{len(label_vocabulary(listing))} labels -> {config.output}", file=sys.stderr)
+    # Everything alive now (TensorFlow's and Beam's modules, the listing) lives to the
+    # end; frozen, the cyclic GC stops rescanning it each time the pipeline's many
+    # short-lived objects trigger a collection (~5% of a 2,000-image local run).
+    gc.freeze()
     started = time.monotonic()
     with _progress(config, listing, local) as progress_dir:
         result = build_pipeline(config, options, listing, progress_dir, baseline).run()
@@ -177,6 +181,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     # Free the pipeline's reference cycles now, while every extension module is still
     # loaded; left to the interpreter's last collection they can crash it (see main).
     del result
+    gc.unfreeze()  # callers in this process (tests, pipelines.run) get a normal GC back
     gc.collect()
     if not local:
         return code
