@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 BENCHMARKS = (
-    ("Preprocessing vs a multiprocessing PIL loop; peak RSS at two sizes",
+    ("Preprocessing vs a multiprocessing PIL loop and naive Beam; peak RSS at 1k / 4k / 16k",
      "tests.benchmarks.preprocess_throughput", []),
     ("Statistics phase share of the preprocessing run",
      "tests.benchmarks.stats_overhead", ["--repeats", "1"]),
