@@ -3,7 +3,7 @@
     .venv/bin/python -m tests.benchmarks.preprocess_throughput [--images N] [--sizes 1000,4000]
 
 Both sides decode ~500x375 photo JPEGs (crops of real photos), resize to 224 px and
-encode JPEG on every core of this machine. The PIL loop is the decode limit: no dedup,
+encode JPEG with their defaults on this machine. The PIL loop is the decode limit: no dedup,
 no splits, no shards, no accounting. The naive Beam job (tests/benchmarks/naive_beam.py:
 Create -> Map(eager TensorFlow per image) -> WriteToTFRecord, on our runner defaults) is
 what users typically write first; both Beam sides run as measured subprocesses, so wall

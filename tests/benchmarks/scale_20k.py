@@ -6,7 +6,7 @@
 Generates (once, cached under $TMPDIR/imagebeam-bench) `--images` files: small 64x48
 JPEGs in 10 class folders, of which 1 % are byte-duplicates of another file, 0.5 % are
 broken (truncated, empty, random bytes) and 0.2 % are non-image names. Runs the
-preprocessing command with its defaults (the DirectRunner on every core), samples the
+preprocessing command with its defaults (the DirectRunner, `in_memory`), samples the
 process tree's RSS (`measure.run_measured`), then checks the manifest against what was
 generated and counts every record in the shards. Prints wall time, images/s, peak RSS;
 exit status 1 if the accounting is off or the peak exceeds `--max_rss_mb`.
@@ -15,7 +15,7 @@ Why the memory bound holds: pixels never cross a Beam shuffle (they travel in sp
 files), so what grows with the dataset is metadata only, a few hundred bytes an image;
 the peak is the fixed cost of the runner and its workers (TensorFlow and Beam loaded in
 each) plus that metadata and what the DirectRunner buffers between stages (measured
-~22 KB an image: 1.0 GB at 5,000 images, 1.35 GB at 20,000, default threads, 2 cores).
+~22 KB an image: 1.0 GB at 5,000 images, 1.35 GB at 20,000, multi_threading, 2 cores).
 """
 
 from __future__ import annotations

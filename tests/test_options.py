@@ -1,0 +1,18 @@
+"""Local runner defaults: in_memory unless the user picks a mode (see beam_options)."""
+
+from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+from pipelines.options import beam_options
+
+
+def test_local_default_is_the_in_memory_direct_runner():
+    options = beam_options([])
+    assert options.view_as(StandardOptions).runner == "DirectRunner"
+    assert options.view_as(DirectOptions).direct_running_mode == "in_memory"
+
+
+def test_an_explicit_running_mode_is_kept():
+    options = beam_options(["--direct_running_mode", "multi_threading",
+                            "--direct_num_workers", "2"])
+    direct = options.view_as(DirectOptions)
+    assert (direct.direct_running_mode, direct.direct_num_workers) == ("multi_threading", 2)
