@@ -4,15 +4,28 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 AIRFLOW_VENV ?= .venv-airflow
 
-.PHONY: install test demo bench lint clean airflow test-airflow
+.PHONY: install test demo bench lint lock clean airflow test-airflow
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The lock constrains the install, so this venv, the Dataflow workers and the images
+# run the same versions whatever the registry has published since the lock was made.
+$(VENV)/.installed: pyproject.toml deploy/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	$(VENV)/bin/pip install --quiet -e '.[dev]' -c deploy/requirements.txt
 	touch $@
+
+# Re-resolve the dependencies to today's newest releases in a scratch venv and rewrite
+# the lock from it (then `make install` moves .venv onto the new pins).
+LOCK_VENV ?= .venv-lock
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/pip install --quiet -e '.[dev]'
+	$(LOCK_VENV)/bin/python -m pipelines.packaging lock
+	rm -rf $(LOCK_VENV)
 
 test: install
 	$(PY) -m pytest -q
@@ -44,4 +57,4 @@ test-airflow: install airflow
 	IMAGEBEAM_AIRFLOW_TEST=1 $(PY) -m pytest -q tests/test_airflow_dag.py
 
 clean:
-	rm -rf $(VENV) $(AIRFLOW_VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(AIRFLOW_VENV) $(LOCK_VENV) .pytest_cache build *.egg-info

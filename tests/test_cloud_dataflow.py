@@ -143,7 +143,7 @@ def test_the_lock_pins_what_this_venv_runs():
     locked = packaging.read_lock(packaging.lock_path())
     installed = packaging.runtime_requirements()
     assert packaging.lock_differences(locked, installed) == [], (
-        "deploy/requirements.txt is stale: run `python -m pipelines.packaging lock`")
+        "deploy/requirements.txt and .venv disagree: `make lock`, then `make install`")
     for name in ("apache-beam", "tensorflow", "tensorflow-transform", "pillow",
                  "google-cloud-aiplatform"):
         assert name in locked
