@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from collections.abc import Sequence
 
 from apache_beam.options.pipeline_options import (
@@ -45,6 +46,7 @@ class PreprocessConfig:
     progress: bool = True
     baseline_stats: str | None = None  # an earlier run's stats/statistics.pb: drift
     reuse_from: str | None = None  # an earlier output whose stored images may be reused
+    decode_threads: int = 0  # per decoding DoFn; 0 = auto (decode_threads()); not output
 
     def to_json(self) -> dict:
         """The config as it is recorded in the manifest."""
@@ -131,6 +133,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--reuse_from", metavar="URI",
                         help="an earlier output: images it stored with the same image config "
                         "are copied from its shards instead of decoded again")
+    parser.add_argument("--decode_threads", type=int, default=0,
+                        help="threads reading and decoding files in each decoding step "
+                        "(default 0 = auto: every core on the local in_memory runner, 1 "
+                        "where the runner already runs a worker per core)")
     parser.add_argument("--baseline_stats", metavar="URI",
                         help="an earlier run's stats/statistics.pb (or its output folder): "
                         "report drift against it "
@@ -149,6 +155,8 @@ def parse_args(argv: Sequence[str]) -> tuple[PreprocessConfig, PipelineOptions]:
         raise UsageError("--num_shards must be at least 1")
     if known.shard_size_mb <= 0:
         raise UsageError("--shard_size_mb must be positive")
+    if known.decode_threads < 0:
+        raise UsageError("--decode_threads must be 0 (auto) or more")
     if not 1 <= known.jpeg_quality <= 100:
         raise UsageError("--jpeg_quality must be in 1..100")
     height, width = parse_image_size(known.image_size)
@@ -172,6 +180,7 @@ def parse_args(argv: Sequence[str]) -> tuple[PreprocessConfig, PipelineOptions]:
         progress=known.progress,
         baseline_stats=known.baseline_stats,
         reuse_from=known.reuse_from.rstrip("/") if known.reuse_from else None,
+        decode_threads=known.decode_threads,
     )
     return config, beam_options(beam_args)
 
@@ -191,11 +200,25 @@ def beam_options(beam_args: Sequence[str]) -> PipelineOptions:
         # and it is safe: 9 of 19 threaded runs over 16,000 photos flooded the runner's
         # in-memory GroupByKey buffers after decoding (20+ GB, OOM-killed), 0 of 7
         # in_memory runs did. multi_processing costs ~4 s of TensorFlow import per
-        # worker and 2.4 GB. `--direct_running_mode multi_threading` still works; use
-        # Dataflow for data that needs more than one machine.
+        # worker and 2.4 GB. The decode step's thread pool (decode_threads) is what
+        # uses every core here. `--direct_running_mode multi_threading` still works;
+        # use Dataflow for data that needs more than one machine.
         direct = options.view_as(DirectOptions)
         direct.direct_running_mode = "in_memory"
     return options
+
+
+def decode_threads(config: PreprocessConfig, options: PipelineOptions) -> int:
+    """Threads per decoding DoFn: the user's choice, else every core where bundles run
+    one at a time in one process (the local in_memory default), else 1: Dataflow and
+    the threaded/multi-process local modes already run a bundle per core."""
+    if config.decode_threads:
+        return config.decode_threads
+    runner = options.view_as(StandardOptions).runner
+    if runner in ("DirectRunner", "direct") and (
+            options.view_as(DirectOptions).direct_running_mode == "in_memory"):
+        return os.cpu_count() or 1
+    return 1
 
 
 def _has_flag(args: Sequence[str], flag: str) -> bool:

@@ -30,7 +30,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from pipelines import dataflow, stats_phase
 from pipelines import manifest as manifest_lib
-from pipelines.options import PreprocessConfig, UsageError, parse_args
+from pipelines.options import PreprocessConfig, UsageError, decode_threads, parse_args
 from pipelines.progress import ProgressPrinter
 from pipelines.sources import InputError, Listing, list_class_folders, list_labels_csv
 from pipelines.transforms import (
@@ -80,7 +80,8 @@ def build_pipeline(
         | "ListedFiles" >> beam.Create(listing.sources)
         # Spread files over workers before the expensive step.
         | "SpreadFiles" >> beam.Reshuffle()
-        | "Decode" >> beam.ParDo(DecodeSourceFn(config.image, spill_dir, progress_dir),
+        | "Decode" >> beam.ParDo(DecodeSourceFn(config.image, spill_dir, progress_dir,
+                                                decode_threads(config, options)),
                                  reuse=beam.pvalue.AsDict(_reuse_index(pipeline, config)))
         .with_outputs(ERRORS_TAG, main="images")
     )

@@ -15,18 +15,22 @@ import dataclasses
 import hashlib
 import json
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import apache_beam as beam
 from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.tfrecordio import _TFRecordUtil
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 from google.api_core import exceptions as google_errors
 
 from pipelines import records, splits
-from pipelines.imaging import DecodeError, ImageSpec, process_image
+from pipelines.imaging import DecodeError, ImageSpec, ProcessedImage, process_image
 from pipelines.options import PreprocessConfig
 from pipelines.progress import WorkerCounter
 from pipelines.sources import SourceFile
@@ -149,79 +153,134 @@ def _count(name: str, n: int = 1) -> None:
     Metrics.counter(NAMESPACE, name).inc(n)
 
 
-class DecodeSourceFn(beam.DoFn):
-    """SourceFile -> DecodedImage (main output) or ErrorRow (ERRORS_TAG)."""
+@dataclasses.dataclass(frozen=True)
+class DecodeOutcome:
+    """What became of one source file; the DoFn turns it into counters and outputs.
 
-    def __init__(self, spec: ImageSpec, spill_dir: str, progress_dir: str | None):
+    Exactly one of `error`, `reused` and `image` is set.
+    """
+
+    counter: str  # images_decoded | images_reused | errors_<reason>
+    error: ErrorRow | None = None
+    reused: DecodedImage | None = None
+    image: ProcessedImage | None = None
+    sha256: str = ""
+    source_bytes: int = 0
+
+
+def decode_source(source: SourceFile, spec: ImageSpec,
+                  reuse: dict[str, ReuseEntry] | None = None) -> DecodeOutcome:
+    """Reads and decodes one file. Pure apart from the read, and safe in any thread.
+
+    A file that cannot be read for good, or does not decode, is an outcome (a dead
+    letter), not an exception; transient read errors raise, so Beam retries the bundle.
+    """
+    try:
+        data = _read_bytes(source.uri)
+    except _PERMANENT_READ_ERRORS as err:
+        return DecodeOutcome("errors_read", error=ErrorRow(source.uri, "unreadable", "read",
+                                                            str(err)[:500]))
+    sha256 = hashlib.sha256(data).hexdigest()
+    if reuse and sha256 in reuse:
+        return DecodeOutcome("images_reused", reused=_reused_image(source, reuse[sha256],
+                                                                    len(data)))
+    try:
+        image = process_image(data, spec)
+    except DecodeError as err:
+        return DecodeOutcome(f"errors_{err.reason}", error=ErrorRow(
+            source.uri, err.reason, "decode", err.detail[:500]))
+    except Exception as err:  # noqa: BLE001 - recorded as a dead letter, never swallowed
+        # PIL's decoders raise a zoo of types on crafted input (KeyError,
+        # struct.error, ...): the file is bad, the job is not.
+        return DecodeOutcome("errors_decoder_failure", error=ErrorRow(
+            source.uri, "decoder_failure", "decode", f"{type(err).__name__}: {err}"[:500]))
+    return DecodeOutcome("images_decoded", image=image, sha256=sha256, source_bytes=len(data))
+
+
+class DecodeSourceFn(beam.DoFn):
+    """SourceFile -> DecodedImage (main output) or ErrorRow (ERRORS_TAG).
+
+    With `threads` > 1 the files of a bundle are read and decoded by a thread pool
+    (Pillow releases the GIL while it decodes, resizes and encodes; reads wait on
+    storage), a bounded window of them in flight, outputs in input order. That is how
+    the single-threaded local runner uses every core: 2 threads decode 1.7x as many
+    images a second as 1 on 2 cores. Counters, progress and the spill file stay on the
+    bundle's thread, where Beam's metrics live.
+    """
+
+    def __init__(self, spec: ImageSpec, spill_dir: str, progress_dir: str | None,
+                 threads: int = 1):
         self._spec = spec
         self._spill_dir = spill_dir
         self._progress_dir = progress_dir
+        self._threads = threads
         self._spill: SpillWriter | None = None
         self._progress: WorkerCounter | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._in_flight: deque[Future] = deque()
 
     def setup(self) -> None:
         if self._progress_dir:
             self._progress = WorkerCounter(self._progress_dir)
+        if self._threads > 1:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="decode")
 
     def start_bundle(self) -> None:
         self._spill = SpillWriter(self._spill_dir)
+        self._in_flight = deque()
 
     def process(self, source: SourceFile, reuse: dict[str, ReuseEntry] | None = None) -> Iterator:
         """`reuse`: sha256 -> image an earlier run stored with the same image config."""
-        try:
-            data = _read_bytes(source.uri)
-        except _PERMANENT_READ_ERRORS as err:
-            _count("errors_read")
-            yield beam.pvalue.TaggedOutput(ERRORS_TAG, ErrorRow(source.uri, "unreadable", "read",
-                                                                str(err)[:500]))
+        if self._pool is None:
+            yield from self._outputs(source, decode_source(source, self._spec, reuse))
             return
-        sha256 = hashlib.sha256(data).hexdigest()
-        if reuse and sha256 in reuse:
-            _count("images_reused")
-            if self._progress is not None:
-                self._progress.add()
-            yield _reused_image(source, reuse[sha256], len(data))
-            return
-        try:
-            image = process_image(data, self._spec)
-        except DecodeError as err:
-            _count(f"errors_{err.reason}")
-            yield beam.pvalue.TaggedOutput(
-                ERRORS_TAG, ErrorRow(source.uri, err.reason, "decode", err.detail[:500])
-            )
-            return
-        except Exception as err:  # noqa: BLE001 - recorded below, never swallowed
-            # PIL's decoders raise a zoo of types on crafted input (KeyError,
-            # struct.error, ...): the file is bad, the job is not.
-            _count("errors_decoder_failure")
-            detail = f"{type(err).__name__}: {err}"[:500]
-            yield beam.pvalue.TaggedOutput(
-                ERRORS_TAG, ErrorRow(source.uri, "decoder_failure", "decode", detail)
-            )
-            return
-        finally:
-            if self._progress is not None:
-                self._progress.add()
-        _count("images_decoded")
-        yield DecodedImage(
-            sha256=sha256,
-            uri=source.uri,
-            labels=source.labels,
-            spill=self._spill.append(image.encoded),
-            source_bytes=len(data),
-            original_height=image.original_height,
-            original_width=image.original_width,
-            source_format=image.source_format,
-            channel_sums=image.channel_sums,
-            channel_squared_sums=image.channel_squared_sums,
-        )
+        self._in_flight.append(self._pool.submit(
+            lambda: (source, decode_source(source, self._spec, reuse))))
+        # Two per thread keeps every thread busy without holding the bundle in memory.
+        while len(self._in_flight) > 2 * self._threads:
+            yield from self._outputs(*self._in_flight.popleft().result())
 
-    def finish_bundle(self) -> None:
+    def finish_bundle(self) -> Iterator:
+        while self._in_flight:
+            for output in self._outputs(*self._in_flight.popleft().result()):
+                yield _in_global_window(output)
         self._spill.close()
 
+    def _outputs(self, source: SourceFile, outcome: DecodeOutcome) -> Iterator:
+        _count(outcome.counter)
+        if self._progress is not None:
+            self._progress.add()
+        if outcome.error is not None:
+            yield beam.pvalue.TaggedOutput(ERRORS_TAG, outcome.error)
+        elif outcome.reused is not None:
+            yield outcome.reused
+        else:
+            image = outcome.image
+            yield DecodedImage(
+                sha256=outcome.sha256,
+                uri=source.uri,
+                labels=source.labels,
+                spill=self._spill.append(image.encoded),
+                source_bytes=outcome.source_bytes,
+                original_height=image.original_height,
+                original_width=image.original_width,
+                source_format=image.source_format,
+                channel_sums=image.channel_sums,
+                channel_squared_sums=image.channel_squared_sums,
+            )
+
     def teardown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
         if self._progress is not None:
             self._progress.flush()
+
+
+def _in_global_window(output: object) -> object:
+    """finish_bundle outputs carry their window; everything here is in the global one."""
+    if isinstance(output, beam.pvalue.TaggedOutput):
+        return beam.pvalue.TaggedOutput(output.tag, _in_global_window(output.value))
+    return WindowedValue(output, MIN_TIMESTAMP, (GlobalWindow(),))
 
 
 def _reused_image(source: SourceFile, entry: ReuseEntry, source_bytes: int) -> DecodedImage:

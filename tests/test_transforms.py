@@ -1,6 +1,8 @@
 """The Beam steps on a handful of real files, with TestPipeline + assert_that."""
 
 import apache_beam as beam
+import pytest
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
@@ -11,7 +13,8 @@ from pipelines.transforms import ERRORS_TAG, DecodeSourceFn, MergeDuplicates, pl
 from tests import corpus
 
 
-def test_decode_routes_bad_files_to_dead_letters(tmp_path):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_decode_routes_bad_files_to_dead_letters(tmp_path, threads):
     good = corpus.every_encoding()["baseline.jpg"]
     (tmp_path / "a.jpg").write_bytes(good)
     (tmp_path / "b.jpg").write_bytes(b"")
@@ -22,7 +25,8 @@ def test_decode_routes_bad_files_to_dead_letters(tmp_path):
         out = (
             p
             | beam.Create(sources)
-            | beam.ParDo(DecodeSourceFn(ImageSpec(16, 16), str(tmp_path / "spill"), None))
+            | beam.ParDo(DecodeSourceFn(ImageSpec(16, 16), str(tmp_path / "spill"), None,
+                                        threads=threads))
             .with_outputs(ERRORS_TAG, main="images")
         )
         assert_that(out.images | "Uris" >> beam.Map(lambda d: d.uri),
@@ -34,6 +38,34 @@ def test_decode_routes_bad_files_to_dead_letters(tmp_path):
                       ("missing.jpg", "unreadable", "read")]),
             label="bad",
         )
+
+
+def test_threaded_decode_counts_and_outputs_every_file(tmp_path):
+    """More files than the in-flight window: some leave from process, the rest from
+    finish_bundle; counters are counted on the bundle's thread, so none are lost."""
+    images = corpus.every_encoding()
+    sources = []
+    for index, (name, data) in enumerate(sorted(images.items()) * 3):
+        path = tmp_path / f"{index}-{name}"
+        path.write_bytes(data)
+        sources.append(SourceFile(str(path), ("x",)))
+    sources.append(SourceFile(str(tmp_path / "missing.jpg"), ("x",)))
+    pipeline = TestPipeline()
+    out = (
+        pipeline
+        | beam.Create(sources)
+        | beam.ParDo(DecodeSourceFn(ImageSpec(16, 16), str(tmp_path / "spill"), None, threads=2))
+        .with_outputs(ERRORS_TAG, main="images")
+    )
+    assert_that(out.images | "Uris" >> beam.Map(lambda d: d.uri),
+                equal_to([s.uri for s in sources[:-1]]), label="decoded")
+    assert_that(out[ERRORS_TAG] | "Errors" >> beam.Map(lambda e: e.reason),
+                equal_to(["unreadable"]), label="errors")
+    result = pipeline.run()
+    result.wait_until_finish()
+    counters = {c.key.metric.name: c.committed
+                for c in result.metrics().query(MetricsFilter())["counters"]}
+    assert counters == {"images_decoded": len(sources) - 1, "errors_read": 1}
 
 
 def test_duplicates_merge_into_one_record_with_every_uri_and_label(tmp_path):

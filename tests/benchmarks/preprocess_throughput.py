@@ -126,9 +126,17 @@ def main(argv: list[str] | None = None) -> None:
           f"{naive_rate / limit:6.2f} {naive_peak:12.0f}")
     print(f"ours / naive Beam: {rate / naive_rate:.2f}x images/s, "
           f"{peak / naive_peak:.2f}x peak RSS")
+    runs = []
     for size in (int(s) for s in args.sizes.split(",") if s):  # --sizes '' skips them
         rate, peak, images = pipeline_run(photo_corpus(size))
+        runs.append((images, images / rate))
         print(f"{f'pipelines.preprocess, {images} images':44s} {rate:9.0f} {'':>6s} {peak:12.0f}")
+    # The whole command carries a fixed cost (imports, pipeline construction, the
+    # tf.Transform analysis); the rate between two sizes is what each further image costs.
+    for (small, small_s), (large, large_s) in zip(runs, runs[1:], strict=False):
+        marginal = (large - small) / (large_s - small_s)
+        print(f"{f'  per further image, {small} -> {large}':44s} {marginal:9.0f} "
+              f"{marginal / limit:6.2f} {'':>12s}")
 
 
 if __name__ == "__main__":
