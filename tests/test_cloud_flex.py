@@ -41,6 +41,7 @@ GOOD = {
     "split_salt": ["my-salt v2"],
     "overwrite": ["true", "false"],
     "reuse_from": ["gs://my-bucket/old"],
+    "decode_threads": ["0", "4", "16"],
     "baseline_stats": ["gs://my-bucket/old/stats/statistics.pb"],
 }
 BAD = {
@@ -58,6 +59,7 @@ BAD = {
     "split_salt": [""],
     "overwrite": ["yes", "True", ""],
     "reuse_from": ["old"],
+    "decode_threads": ["-1", "2.5", "x", "1000"],
     "baseline_stats": ["stats.pb"],
 }
 
