@@ -146,3 +146,9 @@ def test_flags_and_vertex_variables():
     assert local.saved_model_dir == "m/saved_model" and local.checkpoint_dir == "m/checkpoints"
     with pytest.raises(config_lib.UsageError):
         config_lib.parse_args(["--data", "d"], {})
+    assert local.steps_per_execution == 16
+    assert config_lib.parse_args(["--data", "d", "--model_dir", "m", "--steps_per_execution",
+                                  "1"], {}).steps_per_execution == 1
+    with pytest.raises(config_lib.UsageError, match="steps_per_execution"):
+        config_lib.parse_args(["--data", "d", "--model_dir", "m", "--steps_per_execution",
+                               "0"], {})

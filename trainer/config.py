@@ -4,6 +4,7 @@
         [--model small_cnn|mobilenet_v3_small|efficientnet_b0|resnet50|linear]
         [--learning_rate LR] [--shuffle_buffer 64MB] [--cache none|memory|PATH]
         [--mixed_precision auto|on|off] [--jit auto|on|off] [--warm_start PATH]
+        [--steps_per_execution N]
 
 Vertex AI sets AIP_MODEL_DIR (where its model upload looks for the SavedModel),
 AIP_CHECKPOINT_DIR (kept across restarts of the job) and AIP_TENSORBOARD_LOG_DIR;
@@ -22,6 +23,7 @@ from collections.abc import Mapping, Sequence
 MODELS = ("small_cnn", "mobilenet_v3_small", "efficientnet_b0", "resnet50", "linear")
 SWITCH = ("auto", "on", "off")
 DEFAULT_SHUFFLE_BUFFER = "64MB"
+DEFAULT_STEPS_PER_EXECUTION = 16
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -51,6 +53,9 @@ class TrainConfig:
     deterministic: bool = False  # fixed element order from the parallel stages (slower)
     progress: bool | None = None  # progress bar; None = only when stdout is a terminal
     warm_start: str | None = None  # an earlier run's checkpoint folder: initial weights
+    # Train steps per call into the compiled train function (Keras' steps_per_execution):
+    # Keras' Python work per call (callbacks, metrics, dispatch) is spread over N batches.
+    steps_per_execution: int = DEFAULT_STEPS_PER_EXECUTION
 
 
 def parse_bytes(text: str) -> int:
@@ -88,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="same batches in the same order on every run (slower input)")
     parser.add_argument("--progress", choices=SWITCH, default="auto",
                         help="progress bar (auto: when stdout is a terminal)")
+    parser.add_argument("--steps_per_execution", type=int, default=DEFAULT_STEPS_PER_EXECUTION,
+                        help="train steps per call into the compiled train function "
+                        f"(default {DEFAULT_STEPS_PER_EXECUTION}; fewer Python round trips, "
+                        "callbacks see every Nth batch)")
     parser.add_argument("--warm_start", metavar="PATH",
                         help="checkpoint folder of an earlier run with the same --model and "
                         "labels: its weights start this run (ignored when resuming)")
@@ -105,6 +114,8 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
         raise UsageError("--epochs and --batch_size must be at least 1")
     if args.learning_rate <= 0:
         raise UsageError("--learning_rate must be positive")
+    if args.steps_per_execution < 1:
+        raise UsageError("--steps_per_execution must be at least 1")
     return TrainConfig(
         data=args.data.rstrip("/"),
         model_dir=model_dir,
@@ -124,4 +135,5 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
         deterministic=args.deterministic,
         progress={"auto": None, "on": True, "off": False}[args.progress],
         warm_start=args.warm_start.rstrip("/") if args.warm_start else None,
+        steps_per_execution=args.steps_per_execution,
     )

@@ -183,12 +183,14 @@ def run(config: TrainConfig) -> dict:
     spec = load_data(config)
     norm = load_normalization(spec)
     keras.utils.set_random_seed(config.seed)
+    steps = input_lib.steps_per_epoch(spec.num_examples("train"), config.batch_size)
     with runtime.strategy.scope():
         model = make_model(config.model, (spec.height, spec.width, 3), len(spec.labels),
                            norm["mean"], norm["std"])
         model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                      jit_compile=runtime.jit)
+                      jit_compile=runtime.jit,
+                      steps_per_execution=min(config.steps_per_execution, steps))
         model.optimizer.build(model.trainable_variables)  # slots exist before a restore
     state = TrainingState(model, config.checkpoint_dir, runtime)
     resumed_from, history = state.restore()
@@ -197,7 +199,6 @@ def run(config: TrainConfig) -> dict:
     if resumed_from:
         log.warning("resuming after epoch %d of %d from %s", resumed_from, config.epochs,
                     config.checkpoint_dir)
-    steps = input_lib.steps_per_epoch(spec.num_examples("train"), config.batch_size)
     has = {split: spec.num_examples(split) > 0 for split in ("validation", "test")}
     if resumed_from < config.epochs:
         train = input_lib.train_dataset(

@@ -39,6 +39,7 @@ import tensorflow as tf
 
 from tests.benchmarks.trainer_data import prepared
 from trainer import input as input_lib
+from trainer.config import DEFAULT_STEPS_PER_EXECUTION
 from trainer.model import make_model
 
 BATCH = 32
@@ -65,7 +66,9 @@ class EpochTimes(keras.callbacks.Callback):
 def epoch_seconds(dataset, steps: int | None, epochs: int) -> list[tuple[float, float]]:
     """(wall, CPU) seconds of epochs 2.. of fitting the linear probe on `dataset`."""
     model = make_model("linear", (SIZE, SIZE, 3), 4, np.full(3, 120.0), np.full(3, 60.0))
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", jit_compile=False)
+    # Both sides compile as trainer.task does by default (steps_per_execution included).
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", jit_compile=False,
+                  steps_per_execution=DEFAULT_STEPS_PER_EXECUTION)
     timer = EpochTimes()
     model.fit(dataset, epochs=epochs, steps_per_epoch=steps, callbacks=[timer], verbose=0,
               shuffle=False)
