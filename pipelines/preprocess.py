@@ -82,7 +82,7 @@ def build_pipeline(
         | "SpreadFiles" >> beam.Reshuffle()
         | "Decode" >> beam.ParDo(DecodeSourceFn(config.image, spill_dir, progress_dir,
                                                 decode_threads(config, options)),
-                                 reuse=beam.pvalue.AsDict(_reuse_index(pipeline, config)))
+                                 **_reuse_side_input(pipeline, config))
         .with_outputs(ERRORS_TAG, main="images")
     )
     unique = decoded.images | "MergeDuplicates" >> MergeDuplicates(config)
@@ -128,11 +128,15 @@ def build_pipeline(
     return pipeline
 
 
-def _reuse_index(pipeline: beam.Pipeline, config: PreprocessConfig):
-    """(sha256, ReuseEntry) of the --reuse_from output; empty without one."""
+def _reuse_side_input(pipeline: beam.Pipeline, config: PreprocessConfig) -> dict:
+    """{"reuse": sha256 -> ReuseEntry of the --reuse_from output}; {} without one.
+
+    No empty side input when there is nothing to reuse: Beam looks a side input up for
+    every element (~90 us each, 1.5 s of a 16,000-image run)."""
     if not config.reuse_from:
-        return pipeline | "NoReuse" >> beam.Create([])
-    return pipeline | "ReuseIndex" >> ReadReuseIndex(config.reuse_from, manifest_lib.INDEX_PATH)
+        return {}
+    index = pipeline | "ReuseIndex" >> ReadReuseIndex(config.reuse_from, manifest_lib.INDEX_PATH)
+    return {"reuse": beam.pvalue.AsDict(index)}
 
 
 def check_reuse(config: PreprocessConfig) -> PreprocessConfig:
