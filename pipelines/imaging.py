@@ -43,10 +43,10 @@ Image.MAX_IMAGE_PIXELS = None
 # 1032:1 and 1-bit PNG packs 8 pixels a byte; a 12-bit GIF LZW code emits at most 4096
 # pixels; an RLE4 BMP run is at most 255 pixels a 2-byte code; a flat lossless WebP
 # reaches ~26k pixels a byte, so 64k only catches lies. JPEG is not listed: draft mode
-# decodes a huge JPEG at 1/8 scale. Up to `_ANY_FILE_MAY_DECLARE` pixels (~60 MB, 0.3 s)
+# decodes a huge JPEG at 1/8 scale. Up to `ANY_FILE_MAY_DECLARE` pixels (~60 MB, 0.3 s)
 # any file may declare.
-_MAX_PIXELS_PER_BYTE = {"PNG": 8 * 1032, "GIF": 4096, "BMP": 256, "WEBP": 65_536}
-_ANY_FILE_MAY_DECLARE = 4_000_000
+MAX_PIXELS_PER_BYTE = {"PNG": 8 * 1032, "GIF": 4096, "BMP": 256, "WEBP": 65_536}
+ANY_FILE_MAY_DECLARE = 4_000_000
 _EXIF_ORIENTATION_TAG = 0x0112
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # orientations that swap width and height
 
@@ -128,8 +128,8 @@ def open_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Imag
         raise DecodeError("bad_header", f"declared size {width}x{height}")
     if width * height > max_pixels:
         raise DecodeError("too_many_pixels", f"declares {width}x{height} > {max_pixels} pixels")
-    density = _MAX_PIXELS_PER_BYTE.get(image.format or "")
-    if density and width * height > max(_ANY_FILE_MAY_DECLARE, density * len(data)):
+    density = MAX_PIXELS_PER_BYTE.get(image.format or "")
+    if density and width * height > max(ANY_FILE_MAY_DECLARE, density * len(data)):
         # The header promises more pixels than the format can pack into this many bytes:
         # decoding would cost up to 17 bytes of memory a pixel for a file of a few KB.
         raise DecodeError("too_many_pixels", f"declares {width}x{height} from {len(data)} "

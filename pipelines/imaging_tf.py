@@ -5,7 +5,8 @@ written again here with TF ops, one for one, and `tests/test_imaging_tf.py`
 holds the two together on real encoded files of every format and orientation:
 
 1. Header check: the declared size (JPEG SOF, PNG IHDR, GIF screen, BMP DIB,
-   WebP VP8/VP8L/VP8X) must not exceed `max_pixels`; fails before decoding.
+   WebP VP8/VP8L/VP8X) must not exceed `max_pixels`, nor the pixels the format can
+   pack into the file's bytes (`imaging.MAX_PIXELS_PER_BYTE`); fails before decoding.
 2. JPEG decodes at a reduced DCT scale exactly as PIL's `draft` picks it: the
    largest of 1, 2, 4, 8 that keeps both sides >= the target, sides compared
    after accounting for the EXIF orientation.
@@ -33,7 +34,12 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from pipelines.imaging import DEFAULT_MAX_PIXELS, ResizeMode
+from pipelines.imaging import (
+    ANY_FILE_MAY_DECLARE,
+    DEFAULT_MAX_PIXELS,
+    MAX_PIXELS_PER_BYTE,
+    ResizeMode,
+)
 
 # No Python control flow depends on tensors here: autograph would only triple tracing time.
 _plain_graph = tf.autograph.experimental.do_not_convert
@@ -42,6 +48,9 @@ _JPEG, _PNG, _GIF, _BMP, _WEBP, _UNKNOWN = range(6)
 _DRAFT_SCALES = (1, 2, 4, 8)  # libjpeg's DCT scalings that PIL's draft uses
 _MAX_IFD_ENTRIES = 64  # orientation sits in IFD0, which rarely has more than ~20 tags
 _MAX_SEGMENTS = 4096  # JPEG markers / PNG chunks / RIFF chunks walked looking for EXIF
+# imaging.MAX_PIXELS_PER_BYTE by format code; 0 = no density limit (JPEG, unknown).
+_PIXELS_PER_BYTE = tuple(MAX_PIXELS_PER_BYTE.get(name, 0)
+                         for name in ("JPEG", "PNG", "GIF", "BMP", "WEBP", "UNKNOWN"))
 
 
 def _read(data: tf.Tensor, pos: tf.Tensor, n: int) -> tf.Tensor:
@@ -294,8 +303,15 @@ def decode_rgb(
     fmt = image_format(data)
     tf.debugging.assert_none_equal(fmt, _UNKNOWN, message="not_an_image")
     stored_hw = declared_size(data, fmt)
-    tf.debugging.assert_less_equal(stored_hw[0] * stored_hw[1], tf.constant(max_pixels, tf.int64),
+    declared = stored_hw[0] * stored_hw[1]
+    tf.debugging.assert_less_equal(declared, tf.constant(max_pixels, tf.int64),
                                    message="too_many_pixels")
+    # A header promising more pixels than its bytes can hold (a few-KB bomb).
+    density = tf.gather(tf.constant(_PIXELS_PER_BYTE, tf.int64), fmt)
+    allowed = tf.maximum(tf.constant(ANY_FILE_MAY_DECLARE, tf.int64),
+                         density * tf.cast(tf.strings.length(data), tf.int64))
+    tf.debugging.Assert(tf.equal(density, 0) | (declared <= allowed),
+                        ["too_many_pixels: more pixels than the file's bytes can hold"])
     orientation = exif_orientation(data, fmt)
     transposed = orientation >= 5
 

@@ -132,11 +132,17 @@ def test_upright_picture_is_upright():
 
 @pytest.mark.parametrize("data, message", [
     (corpus.png_bomb(), "too_many_pixels"),
+    # Under max_pixels, but 9 Mpx from ~100 bytes: more than deflate can inflate to.
+    (corpus.png_bomb(3000, 3000), "too_many_pixels"),
     (b"<!doctype html><html>404</html>", "not_an_image"),
 ])
 def test_bombs_and_non_images_are_refused(data, message):
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
         imaging_tf.process_image(tf.constant(data), (32, 32), max_pixels=10_000_000)
+    # The pipeline refuses the same file for the same reason.
+    with pytest.raises(imaging.DecodeError) as refused:
+        imaging.process_image(data, imaging.ImageSpec(32, 32, max_pixels=10_000_000))
+    assert refused.value.reason == message
 
 
 def test_declared_size_of_every_format():
