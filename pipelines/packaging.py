@@ -185,7 +185,8 @@ def _report(differences: Iterable[str]) -> int:
     for line in differences:
         print(line, file=sys.stderr)
     if differences:
-        print("the lock is stale: run `make lock` (or `python -m pipelines.packaging lock` in a venv resolved without it)", file=sys.stderr)
+        print("the lock is stale: run `make lock` (or `python -m pipelines.packaging lock` "
+              "in a venv resolved without the lock)", file=sys.stderr)
     return 1 if differences else 0
 
 
