@@ -31,6 +31,12 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 SOURCE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")  # JPEG also opens MPO
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".webp")
 DEFAULT_MAX_PIXELS = 100_000_000  # 10k x 10k; a 40000x40000 bomb declares 1.6e9
+# Stored JPEG quality. Measured on 2,000 photos at 224 px (4:2:0): q95 16.4 KiB, PSNR
+# 40.5 dB, TF decode 6,894 img/s on 2 vCPUs; q90 11.5 KiB (-30 %), 38.3 dB, 8,527 img/s
+# (+24 %); q85 9.3 KiB, 36.9 dB. Decoding is what bounds the trainer's input, and bytes
+# are what streaming from Cloud Storage costs; 38 dB is still visually lossless. (FFCV
+# stores ImageNet at 90 by default too.)
+DEFAULT_JPEG_QUALITY = 90
 
 Image.init()  # register every plugin now, so `formats=` can name MPO
 # Truncated files are errors, not silently grey-filled images.
@@ -91,7 +97,7 @@ class ImageSpec:
     width: int
     resize: ResizeMode = ResizeMode.SQUASH
     image_format: ImageFormat = ImageFormat.JPEG
-    jpeg_quality: int = 95
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
@@ -274,12 +280,14 @@ def resize_image(image: Image.Image, target_hw: tuple[int, int], mode: ResizeMod
     return image
 
 
-def encode(pixels: np.ndarray, image_format: ImageFormat, jpeg_quality: int = 95) -> bytes:
+def encode(pixels: np.ndarray, image_format: ImageFormat,
+           jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
     """`encode_image` on a HxWx3 uint8 array."""
     return encode_image(Image.fromarray(pixels), image_format, jpeg_quality)
 
 
-def encode_image(image: Image.Image, image_format: ImageFormat, jpeg_quality: int = 95) -> bytes:
+def encode_image(image: Image.Image, image_format: ImageFormat,
+                 jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
     """Stores an RGB image as `image_format` bytes (deterministic)."""
     if image_format is ImageFormat.RAW:
         return image.tobytes()  # HxWx3 uint8, row-major

@@ -18,7 +18,13 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
-from pipelines.imaging import DEFAULT_MAX_PIXELS, ImageFormat, ImageSpec, ResizeMode
+from pipelines.imaging import (
+    DEFAULT_JPEG_QUALITY,
+    DEFAULT_MAX_PIXELS,
+    ImageFormat,
+    ImageSpec,
+    ResizeMode,
+)
 
 DEFAULT_SPLITS = (("train", 0.8), ("validation", 0.1), ("test", 0.1))
 # TFRecord guidance: files of 100 MB+ read efficiently; TFDS keeps 64 MiB-1 GiB.
@@ -122,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULT_SHARD_SIZE_MB})")
     parser.add_argument("--image_format", choices=[f.value for f in ImageFormat], default="jpeg",
                         help="what the shards store (default jpeg)")
-    parser.add_argument("--jpeg_quality", type=int, default=95)
+    parser.add_argument("--jpeg_quality", type=int, default=DEFAULT_JPEG_QUALITY,
+                        help=f"quality of stored JPEGs (default {DEFAULT_JPEG_QUALITY})")
     parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="refuse images declaring more pixels (decompression bombs)")
     parser.add_argument("--split_salt", default=DEFAULT_SPLIT_SALT,

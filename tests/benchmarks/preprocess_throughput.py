@@ -50,16 +50,21 @@ def pil_decode_resize_encode(path: str) -> int:
         image.draft("RGB", (224, 224))
         resized = image.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR)
     buffer = io.BytesIO()
-    resized.save(buffer, format="JPEG", quality=95, subsampling=2)
+    resized.save(buffer, format="JPEG", quality=90, subsampling=2)  # our default
     return len(buffer.getvalue())
 
 
-def pil_pool_rate(root: Path) -> tuple[float, int]:
+def pil_pool_rate(root: Path, repeats: int = 3) -> tuple[float, int]:
+    """(best images/s of `repeats` runs, files): the loop takes 2-3 s, and one run on this
+    shared machine ranged from 640 to 1,000 img/s; its best is the limit to compare with."""
     files = sorted(str(p) for p in root.rglob("*.jpg"))
-    started = time.monotonic()
+    best = 0.0
     with Pool(os.cpu_count()) as pool:
-        pool.map(pil_decode_resize_encode, files, chunksize=16)
-    return len(files) / (time.monotonic() - started), len(files)
+        for _ in range(repeats):
+            started = time.monotonic()
+            pool.map(pil_decode_resize_encode, files, chunksize=16)
+            best = max(best, len(files) / (time.monotonic() - started))
+    return best, len(files)
 
 
 def pipeline_run(root: Path) -> tuple[float, float, int]:

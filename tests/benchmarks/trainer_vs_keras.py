@@ -9,7 +9,7 @@ the preprocess output of exactly those files, every image in `train`):
 
 - keras: `image_dataset_from_directory(raw) .prefetch()`: decodes and resizes every
   raw JPEG every epoch;
-- ours: `trainer.input.train_dataset` over the default shards (224 px JPEG, q95);
+- ours: `trainer.input.train_dataset` over the default shards (224 px JPEG, quality 90);
 - ours, PNG shards: the same over `--image_format png` shards (lossless, decoded);
 - ours, raw shards: the same over `--image_format raw` shards (no decode at all);
 - ours, cache: default shards with `--cache memory` (decoded once, epoch 1 excluded).
