@@ -96,9 +96,12 @@ def test_shards_are_balanced_and_splits_disjoint(output):
 
 
 def test_rerun_is_byte_identical_and_independent_of_parallelism(output, corpus_dir, tmp_path):
+    # The fixture ran the default (in_memory, a decode thread per core); this runs bundles
+    # on two runner threads with one decode thread each.
     again = tmp_path / "again"
     run_ok("--input", str(corpus_dir[0]), "--output", str(again), *ARGS,
-           "--direct_running_mode", "in_memory")
+           "--direct_running_mode", "multi_threading", "--direct_num_workers", "2",
+           "--decode_threads", "1")
     first, second = read_manifest(str(output)), read_manifest(str(again))
     assert first["splits"] == second["splits"]
     for entry in first["splits"].values():
