@@ -44,13 +44,14 @@ from pipelines.imaging import (
 # No Python control flow depends on tensors here: autograph would only triple tracing time.
 _plain_graph = tf.autograph.experimental.do_not_convert
 
-_JPEG, _PNG, _GIF, _BMP, _WEBP, _UNKNOWN = range(6)
+# Format codes: indices into _FORMATS (PIL's names, which imaging.MAX_PIXELS_PER_BYTE uses).
+_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "UNKNOWN")
+_JPEG, _PNG, _GIF, _BMP, _WEBP, _UNKNOWN = range(len(_FORMATS))
 _DRAFT_SCALES = (1, 2, 4, 8)  # libjpeg's DCT scalings that PIL's draft uses
 _MAX_IFD_ENTRIES = 64  # orientation sits in IFD0, which rarely has more than ~20 tags
 _MAX_SEGMENTS = 4096  # JPEG markers / PNG chunks / RIFF chunks walked looking for EXIF
 # imaging.MAX_PIXELS_PER_BYTE by format code; 0 = no density limit (JPEG, unknown).
-_PIXELS_PER_BYTE = tuple(MAX_PIXELS_PER_BYTE.get(name, 0)
-                         for name in ("JPEG", "PNG", "GIF", "BMP", "WEBP", "UNKNOWN"))
+_PIXELS_PER_BYTE = tuple(MAX_PIXELS_PER_BYTE.get(name, 0) for name in _FORMATS)
 
 
 def _read(data: tf.Tensor, pos: tf.Tensor, n: int) -> tf.Tensor:

@@ -26,6 +26,7 @@ from pipelines.imaging import (
     ResizeMode,
 )
 
+_DIRECT_RUNNERS = ("DirectRunner", "direct")  # the names Beam's DirectRunner answers to
 DEFAULT_SPLITS = (("train", 0.8), ("validation", 0.1), ("test", 0.1))
 # TFRecord guidance: files of 100 MB+ read efficiently; TFDS keeps 64 MiB-1 GiB.
 DEFAULT_SHARD_SIZE_MB = 128
@@ -198,7 +199,7 @@ def beam_options(beam_args: Sequence[str]) -> PipelineOptions:
     standard = options.view_as(StandardOptions)
     if standard.runner is None:
         standard.runner = "DirectRunner"
-    if standard.runner in ("DirectRunner", "direct", "PrismRunner") and not _has_flag(
+    if standard.runner in (*_DIRECT_RUNNERS, "PrismRunner") and not _has_flag(
         beam_args, "--direct_running_mode"
     ):
         # in_memory: bundles run one at a time in this process. Measured on this 2-vCPU
@@ -222,7 +223,7 @@ def decode_threads(config: PreprocessConfig, options: PipelineOptions) -> int:
     if config.decode_threads:
         return config.decode_threads
     runner = options.view_as(StandardOptions).runner
-    if runner in ("DirectRunner", "direct") and (
+    if runner in _DIRECT_RUNNERS and (
             options.view_as(DirectOptions).direct_running_mode == "in_memory"):
         return os.cpu_count() or 1
     return 1

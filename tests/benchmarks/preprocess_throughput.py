@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import os
 import shutil
 import struct
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{f'pipelines.preprocess, {images} images':44s} {rate:9.0f} {'':>6s} {peak:12.0f}")
     # The whole command carries a fixed cost (imports, pipeline construction, the
     # tf.Transform analysis); the rate between two sizes is what each further image costs.
-    for (small, small_s), (large, large_s) in zip(runs, runs[1:], strict=False):
+    for (small, small_s), (large, large_s) in itertools.pairwise(runs):
         marginal = (large - small) / (large_s - small_s)
         print(f"{f'  per further image, {small} -> {large}':44s} {marginal:9.0f} "
               f"{marginal / limit:6.2f} {'':>12s}")
