@@ -30,7 +30,13 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from pipelines import dataflow, stats_phase
 from pipelines import manifest as manifest_lib
-from pipelines.options import PreprocessConfig, UsageError, decode_threads, parse_args
+from pipelines.options import (
+    PreprocessConfig,
+    UsageError,
+    decode_threads,
+    local_runner,
+    parse_args,
+)
 from pipelines.progress import ProgressPrinter
 from pipelines.sources import InputError, Listing, list_class_folders, list_labels_csv
 from pipelines.transforms import (
@@ -74,7 +80,7 @@ def build_pipeline(
     started = time.time()
     labels = label_vocabulary(listing)
     spill_dir = manifest_lib.join(config.output, f"_tmp/spill-{uuid.uuid4().hex[:8]}")
-    pipeline = beam.Pipeline(options=options)
+    pipeline = beam.Pipeline(runner=local_runner(options), options=options)
     decoded = (
         pipeline
         | "ListedFiles" >> beam.Create(listing.sources)

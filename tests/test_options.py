@@ -4,7 +4,7 @@ import os
 
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
-from pipelines.options import PreprocessConfig, beam_options, decode_threads
+from pipelines.options import PreprocessConfig, beam_options, decode_threads, local_runner
 
 
 def test_local_default_is_the_in_memory_direct_runner():
@@ -27,3 +27,24 @@ def test_decode_threads_use_every_core_only_where_bundles_run_one_at_a_time():
     assert decode_threads(auto, threaded) == 1
     assert decode_threads(auto, beam_options(["--runner", "DataflowRunner"])) == 1
     assert decode_threads(PreprocessConfig(output="unused", decode_threads=5), threaded) == 5
+
+
+def test_the_direct_runner_names_run_in_process_without_trying_prism():
+    # Beam's own DirectRunner would first try to download and start the Prism runner.
+    from apache_beam.runners.portability.fn_api_runner.fn_runner import FnApiRunner
+
+    for args in ([], ["--runner", "DirectRunner"],
+                 ["--direct_running_mode", "multi_threading"]):
+        assert isinstance(local_runner(beam_options(args)), FnApiRunner), args
+    for runner in ("PrismRunner", "DataflowRunner"):
+        assert local_runner(beam_options(["--runner", runner])) is None
+
+
+def test_the_in_process_runner_runs_a_pipeline():
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    options = beam_options([])
+    with beam.Pipeline(runner=local_runner(options), options=options) as pipeline:
+        assert_that(pipeline | beam.Create([1, 2, 3]) | beam.Map(lambda x: x * x),
+                    equal_to([1, 4, 9]))
