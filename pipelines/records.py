@@ -12,6 +12,7 @@ CPU, half of a 2,000-image local run on two cores.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 
 ENCODED = "image/encoded"
@@ -65,7 +66,8 @@ def _field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def _bytes_feature(values: Sequence[bytes]) -> bytes:
+def bytes_feature(values: Sequence[bytes]) -> bytes:
+    """An encoded Feature message holding `values` as a bytes list."""
     # Feature.bytes_list = 1 -> BytesList.value = 1 (repeated bytes)
     return _field(1, b"".join(_field(1, v) for v in values))
 
@@ -74,6 +76,13 @@ def _int64_feature(values: Sequence[int]) -> bytes:
     # Feature.int64_list = 3 -> Int64List.value = 1 (packed varints)
     packed = b"".join(_varint(v) for v in values)
     return _field(3, _field(1, packed) if values else b"")
+
+
+def float_feature(values: Sequence[float]) -> bytes:
+    """An encoded Feature message holding `values` as float32."""
+    # Feature.float_list = 2 -> FloatList.value = 1 (packed little-endian float32)
+    packed = struct.pack(f"<{len(values)}f", *values)
+    return _field(2, _field(1, packed) if values else b"")
 
 
 def serialize_example(features: dict[str, bytes]) -> bytes:
@@ -136,14 +145,14 @@ def example_features(
 ) -> dict[str, bytes]:
     """The contract's keys -> encoded Feature messages."""
     return {
-        ENCODED: _bytes_feature([encoded]),
-        FORMAT: _bytes_feature([image_format.encode()]),
+        ENCODED: bytes_feature([encoded]),
+        FORMAT: bytes_feature([image_format.encode()]),
         HEIGHT: _int64_feature([height]),
         WIDTH: _int64_feature([width]),
         LABEL: _int64_feature(label_ids),
-        LABEL_TEXT: _bytes_feature([label.encode() for label in labels]),
-        SOURCE_ID: _bytes_feature([uri.encode() for uri in source_uris]),
-        SHA256: _bytes_feature([sha256.encode()]),
+        LABEL_TEXT: bytes_feature([label.encode() for label in labels]),
+        SOURCE_ID: bytes_feature([uri.encode() for uri in source_uris]),
+        SHA256: bytes_feature([sha256.encode()]),
         ORIGINAL_HEIGHT: _int64_feature([original_height]),
         ORIGINAL_WIDTH: _int64_feature([original_width]),
     }

@@ -116,7 +116,9 @@ def read_thumbnails(
 
 
 def _parse(record: bytes) -> dict:
-    from tensorflow.core.example import example_pb2  # the proto only, no TF runtime
+    # Loads all of TensorFlow (~3 s), which tf.Transform has already done in any run
+    # that writes a report.
+    from tensorflow.core.example import example_pb2
 
     features = example_pb2.Example.FromString(record).features.feature
     return {

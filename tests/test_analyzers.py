@@ -71,8 +71,7 @@ def test_vocabulary_counts_each_label_once_per_train_image(golden):
     assert numbers["labels"] == ["cat", "dog", "sea lion"]
     output = tft.TFTransformOutput(str(path))  # what the trainer loads
     assert output.vocabulary_file_by_name(analyzers.LABEL_VOCABULARY)
-    assert set(output.transformed_feature_spec()) == {
-        analyzers.PIXEL_MEAN, analyzers.PIXEL_STD, analyzers.LABEL_RANK}
+    assert set(output.transformed_feature_spec()) == {analyzers.PIXEL_MEAN, analyzers.PIXEL_STD}
 
 
 def test_empty_train_split_gives_zeros_and_no_labels(golden):

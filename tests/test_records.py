@@ -57,3 +57,35 @@ def test_encoded_image_is_located_by_offset():
         labels=["a" * 300], source_uris=["u" * 200], sha256="s", original_height=4,
         original_width=5)
     assert record[offset:offset + len(encoded)] == encoded
+
+
+@pytest.mark.parametrize("sums,labels", [
+    ((1.5e7, 2.25e7, 0.0), ["cat", "sea lion"]),
+    ((0.0, 0.0, 0.0), []),
+])
+def test_analyzer_instances_match_tensorflow_bytes(sums, labels):
+    from pipelines import analyzers
+
+    def floats(values):
+        return tf.train.Feature(float_list=tf.train.FloatList(value=values))
+
+    expected = tf.train.Example(features=tf.train.Features(feature={
+        analyzers.CHANNEL_SUMS: floats(sums),
+        analyzers.CHANNEL_SQUARED_SUMS: floats([s * 300 for s in sums]),
+        analyzers.PIXEL_COUNT: floats([50176.0]),
+        analyzers.LABEL: tf.train.Feature(bytes_list=tf.train.BytesList(
+            value=[label.encode() for label in labels])),
+    })).SerializeToString(deterministic=True)
+    assert analyzers.serialized_instance(sums, [s * 300 for s in sums], 50176,
+                                         labels) == expected
+
+
+def test_building_the_pipeline_modules_does_not_load_tensorflow():
+    # A run without statistics never needs it; tf.Transform loads it when it is used.
+    import subprocess
+    import sys
+
+    probe = "import sys, pipelines.preprocess; print('tensorflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"
