@@ -178,20 +178,22 @@ def run(argv: Sequence[str] | None = None) -> int:
     local = options.view_as(StandardOptions).runner in LOCAL_RUNNERS
     print(f"[preprocess] {len(listing.sources)} image files, {len(listing.skipped)} skipped, "
           f"{len(label_vocabulary(listing))} labels -> {config.output}", file=sys.stderr)
-    # Everything alive now (TensorFlow's and Beam's modules, the listing) lives to the
-    # end; frozen, the cyclic GC stops rescanning it each time the pipeline's many
-    # short-lived objects trigger a collection (~5% of a 2,000-image local run).
-    gc.freeze()
     started = time.monotonic()
     with _progress(config, listing, local) as progress_dir:
-        result = build_pipeline(config, options, listing, progress_dir, baseline).run()
+        pipeline = build_pipeline(config, options, listing, progress_dir, baseline)
+        # Everything alive once the pipeline is built (Beam's modules, TensorFlow's, which
+        # tf.Transform loads while it is built, the listing, the graph) lives to the end;
+        # frozen, the cyclic GC stops rescanning it each time the pipeline's many
+        # short-lived objects trigger a collection (~5% of a 2,000-image local run).
+        gc.freeze()
+        result = pipeline.run()
         if local:
             result.wait_until_finish()
         else:  # waits for a Dataflow job; a template or a Flex launch has none
             code = dataflow.follow(result, config, options)
     # Free the pipeline's reference cycles now, while every extension module is still
     # loaded; left to the interpreter's last collection they can crash it (see main).
-    del result
+    del result, pipeline
     gc.unfreeze()  # callers in this process (tests, pipelines.run) get a normal GC back
     gc.collect()
     if not local:
