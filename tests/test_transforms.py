@@ -91,13 +91,17 @@ def test_duplicates_merge_into_one_record_with_every_uri_and_label(tmp_path):
 def test_plan_shards_balances_and_shuffles_classes():
     config = PreprocessConfig(output="unused", num_shards=4)
     images = [_unique(i, "train", "cat" if i < 50 else "dog") for i in range(100)]
-    plans = plan_shards(images, config)
-    train = [p for p in plans if p.split == "train"]
-    assert [len(p.images) for p in train] == [25, 25, 25, 25]
-    for plan in train:  # class-sorted input, yet every shard holds both classes
-        cats = sum(1 for i in plan.images if i.labels == ("cat",))
+    keys = [(i.split, i.order, i.stored_bytes) for i in images]
+    plan = plan_shards(keys, config)
+    shards = {}
+    for image in images:
+        shards.setdefault(plan[(image.split, image.order)], []).append(image)
+    assert sorted(shards) == [("train", index, 4) for index in range(4)]
+    assert [len(shards[key]) for key in sorted(shards)] == [25, 25, 25, 25]
+    for members in shards.values():  # class-sorted input, yet every shard holds both classes
+        cats = sum(1 for i in members if i.labels == ("cat",))
         assert 5 <= cats <= 20
-    assert plan_shards(list(reversed(images)), config) == plans  # input order does not matter
+    assert plan_shards(list(reversed(keys)), config) == plan  # input order does not matter
 
 
 def _unique(i, split, label):
