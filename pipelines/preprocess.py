@@ -83,9 +83,10 @@ def build_pipeline(
     pipeline = beam.Pipeline(runner=local_runner(options), options=options)
     decoded = (
         pipeline
-        | "ListedFiles" >> beam.Create(listing.sources)
-        # Spread files over workers before the expensive step.
-        | "SpreadFiles" >> beam.Reshuffle()
+        # Create reshuffles its elements (a fusion break): the files are spread over
+        # the workers before the expensive step; a second Reshuffle here only cost one
+        # more encode and shuffle of the whole listing (~0.4 s at 16,000 files).
+        | "ListedFiles" >> beam.Create(listing.sources, reshuffle=True)
         | "Decode" >> beam.ParDo(DecodeSourceFn(config.image, spill_dir, progress_dir,
                                                 decode_threads(config, options)),
                                  **_reuse_side_input(pipeline, config))
