@@ -149,10 +149,9 @@ def write_outputs(
     root = config.output
     lines = sorted(error.to_json() for error in errors)
     _write_text(join(root, ERRORS_PATH), "".join(line + "\n" for line in lines))
-    rows = sorted((row for shard in shards for row in shard.index_rows),
-                  key=lambda row: (row["path"], row["offset"]))
+    # Each shard's lines are in file order: sorted by (path, offset) overall.
     _write_text(join(root, INDEX_PATH),
-                "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+                "".join(shard.index_lines for shard in sorted(shards, key=lambda s: s.path)))
     remove_tree(join(root, "_tmp"))
     temporary = join(root, MANIFEST + ".tmp")
     _write_text(temporary, json.dumps(manifest, indent=2) + "\n")

@@ -80,11 +80,11 @@ def add_statistics(
 
     aggregates = unique | "AggregateSplits" >> stats_lib.AggregateSplits(
         image.height, image.width, image.image_format.value)
-    # The report needs each shard's counts, not its per-record index rows: dropped here,
+    # The report needs each shard's counts, not its per-record index lines: dropped here,
     # in the stage that wrote the shards, the side input stays a few KB instead of a
     # pickle of every record's row (~1 s to load at 16,000 images).
     shard_summaries = shards | "ShardSummaries" >> beam.Map(
-        lambda info: dataclasses.replace(info, index_rows=()))
+        lambda info: dataclasses.replace(info, index_lines=""))
     transform_output = unique | "AnalyzeTrainSplit" >> analyzers.AnalyzeTrainSplit(
         output, analyzers.train_split_name(split_names), image.height * image.width, staging)
     duplicate_sample = (

@@ -103,8 +103,10 @@ class ShardInfo:
     num_bytes: int
     class_counts: dict[str, int]
     num_reused: int = 0
-    # One ReuseEntry-shaped dict per record: where its image bytes sit in this shard.
-    index_rows: tuple[dict, ...] = ()
+    # One JSON line (a ReuseEntry-shaped row) per record, in file order: where its image
+    # bytes sit in this shard. Text, not dicts: one string crosses to the manifest step
+    # instead of a pickle of every row (~0.3 s at 16,000 images).
+    index_lines: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,13 +398,13 @@ class WriteShardFn(beam.DoFn):
         blobs = read_spilled(image.spill for image in images)
         class_counts: Counter[str] = Counter()
         num_bytes = 0
-        index_rows = []
+        index_lines = []
         with FileSystems.create(temporary) as handle:
             for image in images:
                 encoded = blobs[image.spill]
                 record, image_offset = self._example(image, encoded)
                 _TFRecordUtil.write_record(handle, record)
-                index_rows.append(_index_row(image, relative, num_bytes + _RECORD_HEADER_BYTES
+                index_lines.append(_index_line(image, relative, num_bytes + _RECORD_HEADER_BYTES
                                              + image_offset, len(encoded)))
                 num_bytes += _TFRecordUtil.encoded_num_bytes(record)
                 class_counts.update(image.labels)
@@ -411,7 +413,7 @@ class WriteShardFn(beam.DoFn):
         yield ShardInfo(split, index, relative, len(images), num_bytes,
                         dict(sorted(class_counts.items())),
                         num_reused=sum(image.reused for image in images),
-                        index_rows=tuple(index_rows))
+                        index_lines="".join(index_lines))
 
     def _example(self, image: UniqueImage, encoded: bytes) -> tuple[bytes, int]:
         return records.make_example_locating_image(
@@ -431,9 +433,10 @@ class WriteShardFn(beam.DoFn):
 _RECORD_HEADER_BYTES = 12  # TFRecord framing before the payload: length (8) + its CRC (4)
 
 
-def _index_row(image: UniqueImage, shard_path: str, offset: int, length: int) -> dict:
-    """Where this run stored `image`, for `ReuseEntry.from_index_row` in a later run."""
-    return {
+def _index_line(image: UniqueImage, shard_path: str, offset: int, length: int) -> str:
+    """Where this run stored `image` (a JSON line), for `ReuseEntry.from_index_row` in a
+    later run."""
+    return json.dumps({
         "sha256": image.sha256,
         "path": shard_path,
         "offset": offset,
@@ -443,7 +446,7 @@ def _index_row(image: UniqueImage, shard_path: str, offset: int, length: int) ->
         "source_format": image.source_format,
         "channel_sums": list(image.channel_sums),
         "channel_squared_sums": list(image.channel_squared_sums),
-    }
+    }, sort_keys=True) + "\n"
 
 
 class ReadReuseIndex(beam.PTransform):
