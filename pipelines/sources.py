@@ -51,6 +51,20 @@ class Listing:
     def files_seen(self) -> int:
         return len(self.sources) + len(self.skipped)
 
+    def counts(self) -> ListingCounts:
+        """What the manifest's accounting needs, without the sources: steps that run
+        after decoding carry this, not a pickled copy of every listed file."""
+        return ListingCounts(self.files_seen, self.skipped, self.hidden)
+
+
+@dataclasses.dataclass(frozen=True)
+class ListingCounts:
+    """A Listing's totals (read like a Listing by the manifest and the statistics)."""
+
+    files_seen: int
+    skipped: tuple[SkippedFile, ...]
+    hidden: int
+
 
 def is_image_name(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)

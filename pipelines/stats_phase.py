@@ -30,7 +30,7 @@ from pipelines import analyzers, drift, report
 from pipelines import manifest as manifest_lib
 from pipelines import statistics as stats_lib
 from pipelines.options import PreprocessConfig, UsageError
-from pipelines.sources import Listing
+from pipelines.sources import ListingCounts
 
 
 def load_baseline(uri: str) -> bytes:
@@ -58,7 +58,7 @@ def load_baseline(uri: str) -> bytes:
 def add_statistics(
     pipeline: beam.Pipeline,
     config: PreprocessConfig,
-    listing: Listing,
+    listing_counts: ListingCounts,
     labels: Sequence[str],
     *,
     unique,
@@ -98,7 +98,7 @@ def add_statistics(
     )
 
     def write_statistics(_, aggregates, errors) -> dict:
-        summary = stats_lib.summarize_dead_letters(errors, listing.files_seen)
+        summary = stats_lib.summarize_dead_letters(errors, listing_counts.files_seen)
         stats = stats_lib.build_statistics(dict(aggregates), split_names, summary)
         stats_lib.write_statistics(manifest_lib.join(output, stats_lib.STATISTICS_PATH), stats)
         if baseline is not None:
@@ -129,7 +129,7 @@ def add_statistics(
             "report": report.REPORT_PATH,
             "transform_output": transform,
         }
-        manifest = manifest_lib.build_manifest(config, listing, labels, shard_infos, errors,
+        manifest = manifest_lib.build_manifest(config, listing_counts, labels, shard_infos, errors,
                                                duplicate_count, conflict_count, extra=entries)
         thumbnails = report.read_thumbnails(
             output, report.shards_in_reading_order(manifest), manifest["labels"],
