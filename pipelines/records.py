@@ -51,7 +51,12 @@ def feature_spec() -> dict:
     }
 
 
+_ONE_BYTE_VARINTS = tuple(bytes((value,)) for value in range(0x80))
+
+
 def _varint(value: int) -> bytes:
+    if 0 <= value < 0x80:  # tags, short lengths, small ints: most calls (~2x faster)
+        return _ONE_BYTE_VARINTS[value]
     value &= (1 << 64) - 1  # negative int64s are ten-byte two's complement
     out = bytearray()
     while value > 0x7F:
