@@ -48,6 +48,8 @@ CHANNEL_SQUARED_SUMS = "channel_squared_sums"
 PIXEL_COUNT = "pixel_count"
 LABEL = "label"
 
+PIXEL_MEAN = "pixel_mean"  # outputs: the dataset constants, broadcast per instance
+PIXEL_STD = "pixel_std"
 
 
 def raw_feature_spec() -> dict:
@@ -61,9 +63,6 @@ def raw_feature_spec() -> dict:
         PIXEL_COUNT: tf.io.FixedLenFeature([], tf.float32),
         LABEL: tf.io.VarLenFeature(tf.string),
     }
-
-PIXEL_MEAN = "pixel_mean"  # outputs: the dataset constants, broadcast per instance
-PIXEL_STD = "pixel_std"
 
 
 def preprocessing_fn(inputs: dict) -> dict:

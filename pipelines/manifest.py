@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.options import PreprocessConfig, UsageError
-from pipelines.sources import Listing, ListingCounts
+from pipelines.sources import ListingCounts
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -79,7 +79,7 @@ def _write_text(path: str, text: str) -> None:
 
 def build_manifest(
     config: PreprocessConfig,
-    listing: Listing | ListingCounts,
+    listing: ListingCounts,
     labels: Sequence[str],
     shards: Sequence,
     errors: Sequence,

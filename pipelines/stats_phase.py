@@ -17,7 +17,6 @@ from the written shards.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -80,11 +79,6 @@ def add_statistics(
 
     aggregates = unique | "AggregateSplits" >> stats_lib.AggregateSplits(
         image.height, image.width, image.image_format.value)
-    # The report needs each shard's counts, not its per-record index lines: dropped here,
-    # in the stage that wrote the shards, the side input stays a few KB instead of a
-    # pickle of every record's row (~1 s to load at 16,000 images).
-    shard_summaries = shards | "ShardSummaries" >> beam.Map(
-        lambda info: dataclasses.replace(info, index_lines=""))
     transform_output = unique | "AnalyzeTrainSplit" >> analyzers.AnalyzeTrainSplit(
         output, analyzers.train_split_name(split_names), image.height * image.width, staging)
     duplicate_sample = (
@@ -160,7 +154,7 @@ def add_statistics(
         | "WriteReport" >> beam.Map(
             write_report,
             written=beam.pvalue.AsSingleton(statistics),
-            shard_infos=beam.pvalue.AsList(shard_summaries),
+            shard_infos=beam.pvalue.AsList(shards),
             errors=beam.pvalue.AsList(errors),
             counts=beam.pvalue.AsList(duplicate_counts),
             duplicates=beam.pvalue.AsList(duplicate_sample),
