@@ -116,18 +116,14 @@ def read_thumbnails(
 
 
 def _parse(record: bytes) -> dict:
-    # Loads all of TensorFlow (~3 s), which tf.Transform has already done in any run
-    # that writes a report.
-    from tensorflow.core.example import example_pb2
-
-    features = example_pb2.Example.FromString(record).features.feature
+    features = records.parse_example(record)
     return {
-        "encoded": features[records.ENCODED].bytes_list.value[0],
-        "format": features[records.FORMAT].bytes_list.value[0].decode(),
-        "height": features[records.HEIGHT].int64_list.value[0],
-        "width": features[records.WIDTH].int64_list.value[0],
-        "labels": [v.decode() for v in features[records.LABEL_TEXT].bytes_list.value],
-        "source": (features[records.SOURCE_ID].bytes_list.value or [b""])[0].decode(),
+        "encoded": features[records.ENCODED][0],
+        "format": features[records.FORMAT][0].decode(),
+        "height": features[records.HEIGHT][0],
+        "width": features[records.WIDTH][0],
+        "labels": [v.decode() for v in features.get(records.LABEL_TEXT, [])],
+        "source": (features.get(records.SOURCE_ID) or [b""])[0].decode(),
     }
 
 

@@ -1,5 +1,7 @@
 """The hand-written Example encoder is byte-equal to TensorFlow's own."""
 
+import struct
+
 import pytest
 import tensorflow as tf
 
@@ -29,14 +31,17 @@ def tf_example(**kw) -> bytes:
     return example.SerializeToString(deterministic=True)
 
 
-@pytest.mark.parametrize("kw", [
+CASES = [
     dict(encoded=b"\xff\xd8" + bytes(range(256)) * 40, image_format="jpeg", height=224,
          width=160, label_ids=[0, 3, 300], labels=["cat", "dög", "x"],
          source_uris=["gs://b/raw/cat/1.jpg", "/local/a b.png"], sha256="ab" * 32,
          original_height=3000, original_width=4000),
     dict(encoded=b"", image_format="raw", height=1, width=1, label_ids=[], labels=[],
          source_uris=[], sha256="", original_height=0, original_width=2**40),
-])
+]
+
+
+@pytest.mark.parametrize("kw", CASES)
 def test_make_example_matches_tensorflow_bytes(kw):
     assert records.make_example(**kw) == tf_example(**kw)
 
@@ -89,3 +94,46 @@ def test_building_the_pipeline_modules_does_not_load_tensorflow():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "False"
+
+
+def _tf_example_values(example: tf.train.Example) -> dict:
+    parsed = {}
+    for key, feature in example.features.feature.items():
+        kind = feature.WhichOneof("kind")
+        parsed[key] = list(getattr(feature, kind).value) if kind else []
+    return parsed
+
+
+@pytest.mark.parametrize("kw", CASES)
+def test_parse_example_reads_what_make_example_writes(kw):
+    record = records.make_example(**kw)
+    assert records.parse_example(record) == _tf_example_values(
+        tf.train.Example.FromString(record))
+
+
+def test_parse_example_reads_any_encoding_tensorflow_accepts():
+    example = tf.train.Example()
+    feature = example.features.feature
+    feature["negative"].int64_list.value.extend([-1, -(2**63), 2**63 - 1, 0])
+    feature["floats"].float_list.value.extend([0.5, -2.25, 1e30])
+    feature["bytes"].bytes_list.value.extend([b"", b"\x00\xff", "é".encode()])
+    feature["empty"].int64_list.SetInParent()
+    feature["unset"].SetInParent()
+    record = example.SerializeToString()
+    assert records.parse_example(record) == _tf_example_values(
+        tf.train.Example.FromString(record))
+    # Numbers unpacked (one tag per value), which protobuf also accepts and writes for
+    # some languages: Int64List/FloatList field 1 as varints (wire type 0) and fixed32 (5).
+    ints = records._field(3, b"\x08" + records._varint(7) + b"\x08" + records._varint(-3))
+    floats = records._field(2, b"\x0d" + struct.pack("<f", 1.5) + b"\x0d"
+                            + struct.pack("<f", -4.0))
+    record = records.serialize_example({"ints": ints, "floats": floats})
+    expected = _tf_example_values(tf.train.Example.FromString(record))
+    assert expected == {"ints": [7, -3], "floats": [1.5, -4.0]}
+    assert records.parse_example(record) == expected
+
+
+def test_parse_example_refuses_truncated_records():
+    record = records.make_example(**CASES[0])
+    with pytest.raises(ValueError):
+        records.parse_example(record[:-3])
