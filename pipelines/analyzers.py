@@ -122,11 +122,65 @@ def train_split_name(split_names: Iterable[str]) -> str:
     return "train" if "train" in names else names[0]
 
 
+class TrainInstances(beam.PTransform):
+    """UniqueImage (every split) -> the train split's analyzer instances (serialized
+    tf.Examples of `raw_feature_spec()`: 7 floats and the labels of one image)."""
+
+    def __init__(self, train_split: str, pixel_count: int):
+        super().__init__()
+        self._train_split = train_split
+        self._pixel_count = pixel_count
+
+    def expand(self, unique_images):
+        train, pixel_count = self._train_split, self._pixel_count
+        return (
+            unique_images
+            | "TrainOnly" >> beam.Filter(lambda image: image.split == train)
+            | "ToAnalyzerInput" >> beam.Map(lambda image: serialized_instance(
+                image.channel_sums, image.channel_squared_sums, pixel_count, image.labels))
+        )
+
+
+class AnalyzeInstances(beam.PTransform):
+    """Serialized analyzer instances -> tf.Transform's transform output, written to
+    local-or-remote folder `write_dir` (temp files under `temp_dir`); the output
+    PCollection has one element once it is written.
+
+    `tft_beam.AnalyzeDataset(preprocessing_fn)` + `tft_beam.WriteTransformFn`. Both
+    places the analysis runs use this: inside the pipeline (`AnalyzeTrainSplit`) and in
+    the local runs' analysis process (`pipelines.analysis_process`).
+    """
+
+    def __init__(self, write_dir: str, temp_dir: str):
+        super().__init__()
+        self._write_dir = write_dir
+        self._temp_dir = temp_dir
+
+    def expand(self, serialized_instances):
+        import tensorflow_transform.beam as tft_beam
+        from tensorflow_transform.tf_metadata import schema_utils
+        from tfx_bsl.tfxio import tf_example_record
+
+        tfxio = tf_example_record.TFExampleBeamRecord(
+            physical_format="inmem",
+            telemetry_descriptors=["imagebeam"],
+            schema=schema_utils.schema_from_feature_spec(raw_feature_spec()),
+        )
+        # Arrow RecordBatches, what tf.Transform analyzes
+        record_batches = serialized_instances | "ToRecordBatches" >> tfxio.BeamSource()
+        with tft_beam.Context(temp_dir=self._temp_dir):
+            transform_fn = (record_batches, tfxio.TensorAdapterConfig()) | (
+                "Analyze" >> tft_beam.AnalyzeDataset(preprocessing_fn))
+            return transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(
+                self._write_dir)
+
+
 class AnalyzeTrainSplit(beam.PTransform):
     """UniqueImage (every split) -> the relative path `transform_output`, once written.
 
-    Runs `tft_beam.AnalyzeDataset(preprocessing_fn)` on the train split's images only
-    and writes the transform with `tft_beam.WriteTransformFn`.
+    Runs `AnalyzeInstances` (tf.Transform) on the train split's images only, inside the
+    pipeline (what remote runners do; local runs hand the instances to
+    `pipelines.analysis_process` instead).
 
     Where tf.Transform writes: its SavedModel writer goes through TensorFlow's own
     file systems, which cannot reach a GCS emulator. With a local runner (`staging`
@@ -144,10 +198,6 @@ class AnalyzeTrainSplit(beam.PTransform):
         self._staging = staging
 
     def expand(self, unique_images):
-        import tensorflow_transform.beam as tft_beam
-        from tensorflow_transform.tf_metadata import schema_utils
-        from tfx_bsl.tfxio import tf_example_record
-
         final = FileSystems.join(self._output, TRANSFORM_OUTPUT)
         if self._staging:
             temp_dir = os.path.join(self._staging, "tmp")
@@ -155,25 +205,11 @@ class AnalyzeTrainSplit(beam.PTransform):
         else:
             temp_dir = FileSystems.join(self._output, "_tmp", "tft")
             write_dir = final
-        train, pixel_count = self._train_split, self._pixel_count
-        tfxio = tf_example_record.TFExampleBeamRecord(
-            physical_format="inmem",
-            telemetry_descriptors=["imagebeam"],
-            schema=schema_utils.schema_from_feature_spec(raw_feature_spec()),
-        )
-        record_batches = (
+        written = (
             unique_images
-            | "TrainOnly" >> beam.Filter(lambda image: image.split == train)
-            # serialized tf.Example: 7 floats and the labels of one image
-            | "ToAnalyzerInput" >> beam.Map(lambda image: serialized_instance(
-                image.channel_sums, image.channel_squared_sums, pixel_count, image.labels))
-            # Arrow RecordBatches, what tf.Transform analyzes
-            | "ToRecordBatches" >> tfxio.BeamSource()
+            | "TrainInstances" >> TrainInstances(self._train_split, self._pixel_count)
+            | "AnalyzeInstances" >> AnalyzeInstances(write_dir, temp_dir)
         )
-        with tft_beam.Context(temp_dir=temp_dir):
-            transform_fn = (record_batches, tfxio.TensorAdapterConfig()) | (
-                "Analyze" >> tft_beam.AnalyzeDataset(preprocessing_fn))
-            written = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(write_dir)
         staging = self._staging
 
         def publish(_) -> str:

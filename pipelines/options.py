@@ -245,11 +245,14 @@ def decode_threads(config: PreprocessConfig, options: PipelineOptions) -> int:
     the threaded/multi-process local modes already run a bundle per core."""
     if config.decode_threads:
         return config.decode_threads
-    runner = options.view_as(StandardOptions).runner
-    if runner in _DIRECT_RUNNERS and (
-            options.view_as(DirectOptions).direct_running_mode == "in_memory"):
-        return os.cpu_count() or 1
-    return 1
+    return (os.cpu_count() or 1) if runs_in_this_process(options) else 1
+
+
+def runs_in_this_process(options: PipelineOptions) -> bool:
+    """Whether the pipeline's steps run in this process, one bundle at a time: the
+    DirectRunner names (`local_runner`) in `--direct_running_mode in_memory`."""
+    return (options.view_as(StandardOptions).runner in _DIRECT_RUNNERS
+            and options.view_as(DirectOptions).direct_running_mode == "in_memory")
 
 
 def _has_flag(args: Sequence[str], flag: str) -> bool:

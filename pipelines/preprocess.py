@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipelines import dataflow, stats_phase
+from pipelines import analysis_process, dataflow, stats_phase
 from pipelines import manifest as manifest_lib
 from pipelines.options import (
     PreprocessConfig,
@@ -70,12 +70,15 @@ def build_pipeline(
     progress_dir: str | None = None,
     baseline: bytes | None = None,
     statistics: bool = True,
+    analysis: str | None = None,
 ) -> beam.Pipeline:
     """The whole job as an unrun pipeline over `listing`, writing to `config.output`.
 
     `baseline`: serialized statistics to compare with (default: read from
     `config.baseline_stats`). `statistics=False` leaves out the statistics phase
     (statistics, tf.Transform, drift, report): for measuring what it costs.
+    `analysis`: the token of a started `analysis_process.AnalysisProcess` (local
+    in-memory runs) to run tf.Transform in; None runs it inside the pipeline.
     """
     started = time.time()
     labels = label_vocabulary(listing)
@@ -112,7 +115,7 @@ def build_pipeline(
             pipeline, config, listing_counts, labels, unique=unique, shards=shards,
             errors=decoded[ERRORS_TAG], duplicate_counts=duplicates, baseline=baseline,
             local_runner=options.view_as(StandardOptions).runner in LOCAL_RUNNERS,
-            started=started,
+            started=started, analysis=analysis,
         )
     else:
         extras = pipeline | "NoStatistics" >> beam.Create([])
@@ -170,6 +173,16 @@ def run(argv: Sequence[str] | None = None) -> int:
     logging.getLogger().setLevel(logging.WARNING)
     try:
         config, options = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # First, so that its TensorFlow import overlaps everything below (local runs only).
+    with analysis_process.started(options) as analysis:
+        return _run(config, options, analysis)
+
+
+def _run(config: PreprocessConfig, options: PipelineOptions, analysis: str | None) -> int:
+    try:
         options = dataflow.prepare(config, options)  # checks; what Dataflow workers install
         listing = list_input(config)
         config = check_reuse(config)
@@ -185,9 +198,10 @@ def run(argv: Sequence[str] | None = None) -> int:
           f"{len(label_vocabulary(listing))} labels -> {config.output}", file=sys.stderr)
     started = time.monotonic()
     with _progress(config, listing, local) as progress_dir:
-        pipeline = build_pipeline(config, options, listing, progress_dir, baseline)
-        # Everything alive once the pipeline is built (Beam's modules, TensorFlow's, which
-        # tf.Transform loads while it is built, the listing, the graph) lives to the end;
+        pipeline = build_pipeline(config, options, listing, progress_dir, baseline,
+                                  analysis=analysis)
+        # Everything alive once the pipeline is built (Beam's modules, TensorFlow's where
+        # tf.Transform runs in this process, the listing, the graph) lives to the end;
         # frozen, the cyclic GC stops rescanning it each time the pipeline's many
         # short-lived objects trigger a collection (~5% of a 2,000-image local run).
         gc.freeze()

@@ -5,7 +5,7 @@ manifest entries it produced, which `build_pipeline` passes to the manifest as a
 input (so manifest.json is still written last):
 
     unique ──┬─ AggregateSplits ────────────┐
-             ├─ AnalyzeTrainSplit (tft) ────┤
+             ├─ AnalyzeTrainSplit (tft) ────┤  (local runs: in a second process)
              └─ SampleDuplicates ───────────┤
     errors ─────────────────────────── WriteStatistics (statistics.pb, anomalies.json)
     shards (after WriteShards) ─────────── WriteReport (report.html) ──> manifest extras
@@ -25,7 +25,7 @@ import apache_beam as beam
 from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines import analyzers, drift, report
+from pipelines import analysis_process, analyzers, drift, report
 from pipelines import manifest as manifest_lib
 from pipelines import statistics as stats_lib
 from pipelines.options import PreprocessConfig, UsageError
@@ -67,20 +67,29 @@ def add_statistics(
     baseline: bytes | None,
     local_runner: bool,
     started: float,
+    analysis: str | None = None,
 ):
     """Adds the statistics steps; returns a PCollection of one dict of manifest entries
     {statistics, anomalies, report, transform_output, timings} (paths relative to the
-    output root), complete only after every file it names is written."""
+    output root), complete only after every file it names is written.
+
+    `analysis`: the token of a started `analysis_process.AnalysisProcess` to run
+    tf.Transform in (local in-memory runs); None runs it inside the pipeline."""
     image = config.image
     split_names = [name for name, _ in config.splits]
     output = config.output
-    staging = (analyzers.local_staging_dir()
-               if local_runner and "://" in output else None)  # see AnalyzeTrainSplit
 
     aggregates = unique | "AggregateSplits" >> stats_lib.AggregateSplits(
         image.height, image.width, image.image_format.value)
-    transform_output = unique | "AnalyzeTrainSplit" >> analyzers.AnalyzeTrainSplit(
-        output, analyzers.train_split_name(split_names), image.height * image.width, staging)
+    train_split = analyzers.train_split_name(split_names)
+    if analysis:
+        transform_output = unique | "AnalyzeTrainSplit" >> analysis_process.AnalyzeInProcess(
+            analysis, output, train_split, image.height * image.width, after=shards)
+    else:
+        staging = (analyzers.local_staging_dir()
+                   if local_runner and "://" in output else None)  # see AnalyzeTrainSplit
+        transform_output = unique | "AnalyzeTrainSplit" >> analyzers.AnalyzeTrainSplit(
+            output, train_split, image.height * image.width, staging)
     duplicate_sample = (
         unique
         | "DuplicateContents" >> beam.Filter(lambda u: len(u.uris) > 1)
@@ -133,6 +142,7 @@ def add_statistics(
             "statistics_written_s": round(written["statistics_written_s"], 2),
             "report_started_s": round(begun - started, 2),
             "thumbnails_read_s": round(time.time() - begun, 2),
+            "tf_transform_ran": "in a second process" if analysis else "in the pipeline",
         }
         page = report.render_report(
             manifest=manifest,

@@ -1,0 +1,235 @@
+"""Local runs: tf.Transform's analysis in a second process, started before the pipeline.
+
+Why: most of what the statistics phase costs a local run is fixed: importing TensorFlow
+(~2.1 s of CPU here) and tf.Transform (~0.5 s), then tracing the preprocessing_fn
+(~0.7 s). In the pipeline's own process all of it runs while the pipeline is built,
+before the first image is decoded, on one core while the other idles. A process of its
+own, started at the top of `preprocess.run`, does it while this one lists, builds and
+decodes; the pipeline hands it the train split's analyzer instances once duplicates are
+merged and collects the written transform after the shards are written, so the analysis
+itself runs beside the shard writing too.
+
+    preprocess.run ── start() ──> child: import TF + tf.Transform, build its pipeline,
+    pipeline: ... MergeDuplicates ─ SendToAnalysis (instances file, "go") ──> child runs
+              ... WriteShards ─── AwaitAnalysis <── "done" (transform_output written)
+
+Used only with the local in-memory runner (the pipeline's steps run in this process,
+which holds the child's pipes: `AnalysisProcess` objects are found by token) and only
+while this process has not loaded TensorFlow (then there is no import left to hide).
+Everywhere else `analyzers.AnalyzeTrainSplit` runs the analysis inside the pipeline.
+Both run `analyzers.AnalyzeInstances` over the same instances, so their outputs match
+(tests/test_analysis_process.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import traceback
+import uuid
+from collections.abc import Iterator
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.tfrecordio import _TFRecordUtil
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines import analyzers
+from pipelines.options import beam_options, local_runner, runs_in_this_process
+
+INSTANCES = "instances.tfrecord"  # in the work folder: the train split's serialized instances
+_GO = "go"  # parent -> child: the instances file is complete
+_DONE = "done"  # child -> parent: the transform output is written
+
+_RUNNING: dict[str, AnalysisProcess] = {}  # token -> process, for the pipeline's steps
+
+
+class AnalysisFailed(RuntimeError):
+    """The analysis process failed or died without writing the transform output."""
+
+
+class AnalysisProcess:
+    """A child process running tf.Transform's analysis over instances it is handed.
+
+    `start()` forks it; `submit(instances)` hands it the train split's serialized
+    instances; `wait()` returns the local folder holding the written transform output;
+    `close()` stops it if still running and removes its work folder.
+
+    Forked, not spawned: the child starts with this process's modules (Beam's import,
+    ~1.2 s of CPU, is not paid twice) and shares their memory pages until written.
+    Forking is safe here because it happens before this process starts any thread
+    (`started` runs first in `preprocess.run`) and the child never returns into the
+    parent's code: it ends with os._exit.
+    """
+
+    def __init__(self, work_dir: str, process, connection):
+        self.work_dir = work_dir
+        self.token = uuid.uuid4().hex
+        self._process = process
+        self._connection = connection
+
+    @classmethod
+    def start(cls) -> AnalysisProcess:
+        work_dir = tempfile.mkdtemp(prefix="imagebeam-analysis-")
+        parent_end, child_end = multiprocessing.get_context("fork").Pipe()
+        sys.stdout.flush()  # or the child would inherit, and print again, what is buffered
+        sys.stderr.flush()
+        process = multiprocessing.get_context("fork").Process(
+            target=_child, args=(work_dir, child_end), name="imagebeam-analysis", daemon=True)
+        process.start()
+        child_end.close()  # so that recv() sees EOF when the child dies
+        analysis = cls(work_dir, process, parent_end)
+        _RUNNING[analysis.token] = analysis
+        return analysis
+
+    @property
+    def transform_dir(self) -> str:
+        return os.path.join(self.work_dir, analyzers.TRANSFORM_OUTPUT)
+
+    def submit(self, instances: list[bytes]) -> None:
+        """Writes the instances (sorted: the float64 sums then add up in one order on
+        every run) and lets the child run."""
+        path = os.path.join(self.work_dir, INSTANCES)
+        with open(path + ".partial", "wb") as handle:
+            for instance in sorted(instances):
+                _TFRecordUtil.write_record(handle, instance)
+        os.replace(path + ".partial", path)
+        try:
+            self._connection.send(_GO)
+        except OSError as err:  # the child is gone
+            raise self._failure(f"it ended early ({err})") from err
+
+    def wait(self) -> str:
+        """Blocks until the child has written the transform output; its local folder."""
+        try:
+            status, detail = self._connection.recv()
+        except (EOFError, OSError) as err:  # EOF, or reset by a child killed mid-message
+            raise self._failure(f"it died ({type(err).__name__})") from err
+        if status != _DONE:
+            raise self._failure(f"it failed:\n{detail}")
+        return self.transform_dir
+
+    def close(self) -> None:
+        _RUNNING.pop(self.token, None)
+        if self._process.is_alive():
+            self._process.kill()
+        self._process.join()
+        self._connection.close()
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def _failure(self, what: str) -> AnalysisFailed:
+        self._process.join(timeout=10)
+        return AnalysisFailed(f"the tf.Transform analysis process (exit code "
+                              f"{self._process.exitcode}) wrote no output: {what}")
+
+
+def running(token: str) -> AnalysisProcess:
+    """The started process `token` (a module function: steps that call it pickle a
+    reference to it, not the registry of live processes)."""
+    return _RUNNING[token]
+
+
+def useful(options: PipelineOptions) -> bool:
+    """Whether a run with these options gains from the analysis process: the local
+    in-memory runner, in a process that has not loaded TensorFlow yet."""
+    return runs_in_this_process(options) and "tensorflow" not in sys.modules
+
+
+@contextlib.contextmanager
+def started(options: PipelineOptions) -> Iterator[str | None]:
+    """The token of a started AnalysisProcess where `useful(options)`, else None;
+    the process is stopped and its folder removed on exit."""
+    if not useful(options):
+        yield None
+        return
+    analysis = AnalysisProcess.start()
+    try:
+        yield analysis.token
+    finally:
+        analysis.close()
+
+
+class AnalyzeInProcess(beam.PTransform):
+    """UniqueImage (every split) -> the relative path `transform_output`, once written;
+    what `analyzers.AnalyzeTrainSplit` does, with the analysis in the process `token`.
+
+    `after`: a PCollection to wait for before collecting the result (the written shards),
+    so this step does not hold up the ones the analysis can run beside.
+    """
+
+    def __init__(self, token: str, output: str, train_split: str, pixel_count: int, after):
+        super().__init__()
+        self._token = token
+        self._output = output
+        self._train_split = train_split
+        self._pixel_count = pixel_count
+        self._after = after
+
+    def expand(self, unique_images):
+        token = self._token
+        final = FileSystems.join(self._output, analyzers.TRANSFORM_OUTPUT)
+
+        def send(instances: list[bytes]) -> int:
+            running(token).submit(instances)
+            return len(instances)
+
+        def collect(_, sent: int, after) -> str:  # side inputs only order it: see `after`
+            analyzers.copy_local_tree(running(token).wait(), final)
+            return analyzers.TRANSFORM_OUTPUT
+
+        sent = (
+            unique_images
+            | "TrainInstances" >> analyzers.TrainInstances(self._train_split,
+                                                           self._pixel_count)
+            | "AllInstances" >> beam.combiners.ToList()
+            | "SendToAnalysis" >> beam.Map(send)
+        )
+        return (
+            unique_images.pipeline
+            | "AnalysisResult" >> beam.Create([None])
+            | "AwaitAnalysis" >> beam.Map(collect, sent=beam.pvalue.AsSingleton(sent),
+                                          after=beam.pvalue.AsIter(self._after))
+        )
+
+
+def _child(work_dir: str, connection) -> None:
+    """The analysis process: build the pipeline over the instances file (this imports
+    TensorFlow and tf.Transform and traces the graph), wait for "go", run it, report."""
+    code = 0
+    try:
+        options = beam_options([])
+        pipeline = beam.Pipeline(runner=local_runner(options), options=options)
+        _ = (
+            pipeline
+            | "InstancesFile" >> beam.Create([os.path.join(work_dir, INSTANCES)])
+            | "ReadInstances" >> beam.FlatMap(_read_records)
+            | "AnalyzeInstances" >> analyzers.AnalyzeInstances(
+                os.path.join(work_dir, analyzers.TRANSFORM_OUTPUT),
+                os.path.join(work_dir, "tmp"))
+        )
+        if connection.recv() == _GO:
+            pipeline.run().wait_until_finish()
+            connection.send((_DONE, None))
+    except (EOFError, BrokenPipeError):  # the parent went away (killed): nobody will read it
+        shutil.rmtree(work_dir, ignore_errors=True)
+        code = 3
+    except Exception:  # noqa: BLE001 - any failure: its traceback is the parent's error text
+        with contextlib.suppress(OSError):
+            connection.send(("failed", traceback.format_exc()))
+        code = 1
+    # Never return into the parent's code (this is a fork of it), and skip the teardown:
+    # tf.Transform leaves reference cycles whose collection can crash the interpreter at
+    # exit (see preprocess.main); the output is written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _read_records(path: str) -> Iterator[bytes]:
+    with open(path, "rb") as handle:
+        while (record := _TFRecordUtil.read_record(handle)) is not None:
+            yield record

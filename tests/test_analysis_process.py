@@ -1,0 +1,124 @@
+"""tf.Transform in a second process (local runs): same output as in the pipeline, and
+its failures fail the run with the reason.
+
+The production path needs a process that has not loaded TensorFlow (pytest has), so
+these tests drive it in fresh Python processes.
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow  # noqa: F401 - loaded, as in every test process here
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines import analysis_process, analyzers
+from pipelines.manifest import read_manifest
+from tests import stats_outputs
+
+
+def run_python(code: str, timeout_s: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=timeout_s, check=False)
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    """(the command's output, run in a fresh process, where the analysis runs in a second
+    process; the same corpus and flags run in this process, where it runs in the
+    pipeline; whether the fresh process ever loaded TensorFlow)."""
+    raw, _ = stats_outputs.raw_corpus(tmp_path_factory)
+    in_pipeline = stats_outputs.base_output(tmp_path_factory)
+    out = tmp_path_factory.mktemp("analysis-process") / "out"
+    argv = ["--input", str(raw), "--output", str(out), *stats_outputs.ARGS]
+    done = run_python(f"""
+        import json, sys
+        from pipelines import preprocess
+        code = preprocess.run({argv!r})
+        print(json.dumps({{"code": code, "tensorflow": "tensorflow" in sys.modules}}))
+    """)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0, done.stderr[-3000:]
+    return out, in_pipeline, result["tensorflow"]
+
+
+def test_the_command_analyzes_in_a_second_process_and_never_loads_tensorflow(outputs):
+    out, in_pipeline, tensorflow_loaded = outputs
+    assert read_manifest(str(out))["timings"]["tf_transform_ran"] == "in a second process"
+    assert read_manifest(str(in_pipeline))["timings"]["tf_transform_ran"] == "in the pipeline"
+    assert not tensorflow_loaded  # tf.Transform was the only reason to load it
+
+
+def test_second_process_output_equals_the_in_pipeline_output(outputs):
+    out, in_pipeline, _ = outputs
+    apart = analyzers.normalization_from_transform_output(str(out / "transform_output"))
+    inside = analyzers.normalization_from_transform_output(
+        str(in_pipeline / "transform_output"))
+    np.testing.assert_allclose(apart["mean"], inside["mean"], rtol=1e-6)
+    np.testing.assert_allclose(apart["std"], inside["std"], rtol=1e-6)
+    assert apart["label_frequencies"] == inside["label_frequencies"]
+    assert apart["label_frequencies"]  # the corpus has train labels: not vacuous
+    assert sorted(p.name for p in (out / "transform_output").rglob("*")) == sorted(
+        p.name for p in (in_pipeline / "transform_output").rglob("*"))
+    # Where the analysis ran changes nothing else: the same shards, byte for byte.
+    shards = sorted(path.relative_to(out) for path in (out / "data").rglob("*.tfrecord"))
+    assert shards
+    for shard in shards:
+        assert (out / shard).read_bytes() == (in_pipeline / shard).read_bytes(), shard
+
+
+def test_a_failing_analysis_fails_with_its_traceback_and_cleans_up():
+    done = run_python("""
+        import json, os
+        from pipelines import analysis_process
+        analysis = analysis_process.AnalysisProcess.start()
+        analysis.submit([b"not a tf.Example"])
+        try:
+            analysis.wait()
+            outcome = "no error"
+        except analysis_process.AnalysisFailed as err:
+            outcome = str(err)
+        analysis.close()
+        print(json.dumps({"outcome": outcome, "left": os.path.exists(analysis.work_dir)}))
+    """)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "wrote no output: it failed" in result["outcome"]
+    assert "Traceback" in result["outcome"]  # the child's own traceback reaches the user
+    assert not result["left"]
+
+
+def test_a_dead_analysis_process_fails_the_wait_instead_of_hanging():
+    done = run_python("""
+        import json
+        from pipelines import analysis_process
+        analysis = analysis_process.AnalysisProcess.start()
+        analysis._process.kill()  # as the OOM killer would
+        try:
+            analysis.submit([])
+            analysis.wait()
+            outcome = "no error"
+        except analysis_process.AnalysisFailed as err:
+            outcome = str(err)
+        analysis.close()
+        print(json.dumps({"outcome": outcome}))
+    """, timeout_s=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])["outcome"]
+    assert "exit code -9" in outcome and "wrote no output" in outcome
+
+
+@pytest.mark.parametrize("args", [
+    ["--runner", "DirectRunner", "--direct_running_mode", "multi_processing"],
+    ["--runner", "DataflowRunner"],
+    ["--runner", "DirectRunner"],  # this process has loaded TensorFlow: nothing to hide
+])
+def test_only_local_in_memory_runs_without_tensorflow_use_it(args):
+    assert "tensorflow" in sys.modules
+    assert not analysis_process.useful(PipelineOptions(args))
+    with analysis_process.started(PipelineOptions(args)) as token:
+        assert token is None
