@@ -4,18 +4,21 @@ Why: most of what the statistics phase costs a local run is fixed: importing Ten
 (~2.1 s of CPU here) and tf.Transform (~0.5 s), then tracing the preprocessing_fn
 (~0.7 s). In the pipeline's own process all of it runs while the pipeline is built,
 before the first image is decoded, on one core while the other idles. A process of its
-own, started at the top of `preprocess.run`, does it while this one lists, builds and
+own, forked at the top of `preprocess.run`, does it while this one lists, builds and
 decodes; the pipeline hands it the train split's analyzer instances once duplicates are
 merged and collects the written transform after the shards are written, so the analysis
-itself runs beside the shard writing too.
+itself runs beside the shard writing too. Measured on 2 vCPUs (tests/benchmarks/
+stats_overhead.py): the statistics phase's cost fell from +4.9-6.1 s to +3.0-3.6 s of a
+2,000-image run and from +5.5 s to +1.4 s of a 16,000-image one, for ~1 s more CPU.
 
     preprocess.run ── start() ──> child: import TF + tf.Transform, build its pipeline,
     pipeline: ... MergeDuplicates ─ SendToAnalysis (instances file, "go") ──> child runs
               ... WriteShards ─── AwaitAnalysis <── "done" (transform_output written)
 
 Used only with the local in-memory runner (the pipeline's steps run in this process,
-which holds the child's pipes: `AnalysisProcess` objects are found by token) and only
-while this process has not loaded TensorFlow (then there is no import left to hide).
+which holds the child's pipes: `AnalysisProcess` objects are found by token), only while
+this process has not loaded TensorFlow (then there is no import left to hide) and only
+where forking is safe (`useful`).
 Everywhere else `analyzers.AnalyzeTrainSplit` runs the analysis inside the pipeline.
 Both run `analyzers.AnalyzeInstances` over the same instances, so their outputs match
 (tests/test_analysis_process.py).
@@ -29,6 +32,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import traceback
 import uuid
 from collections.abc import Iterator
@@ -134,9 +138,14 @@ def running(token: str) -> AnalysisProcess:
 
 
 def useful(options: PipelineOptions) -> bool:
-    """Whether a run with these options gains from the analysis process: the local
-    in-memory runner, in a process that has not loaded TensorFlow yet."""
-    return runs_in_this_process(options) and "tensorflow" not in sys.modules
+    """Whether a run with these options gains from the analysis process, and can fork it
+    safely: the local in-memory runner, in a process that has not loaded TensorFlow yet.
+
+    Forking is kept to Linux and to a process running one Python thread (the command
+    line; not a notebook kernel, whose threads could hold a lock the child then waits on
+    forever); macOS's system libraries are not fork-safe (why Python spawns there)."""
+    return (runs_in_this_process(options) and "tensorflow" not in sys.modules
+            and sys.platform == "linux" and threading.active_count() == 1)
 
 
 @contextlib.contextmanager

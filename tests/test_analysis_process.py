@@ -122,3 +122,19 @@ def test_only_local_in_memory_runs_without_tensorflow_use_it(args):
     assert not analysis_process.useful(PipelineOptions(args))
     with analysis_process.started(PipelineOptions(args)) as token:
         assert token is None
+
+
+def test_a_process_running_other_threads_is_not_forked():
+    done = run_python("""
+        import threading
+        from apache_beam.options.pipeline_options import PipelineOptions
+        from pipelines import analysis_process
+        options = PipelineOptions(["--runner", "DirectRunner"])
+        alone = analysis_process.useful(options)
+        stop = threading.Event()
+        threading.Thread(target=stop.wait, daemon=True).start()  # as a notebook kernel has
+        print(alone, analysis_process.useful(options))
+        stop.set()
+    """, timeout_s=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "False"]
