@@ -27,6 +27,7 @@ Both run `analyzers.AnalyzeInstances` over the same instances, so their outputs 
 from __future__ import annotations
 
 import contextlib
+import glob
 import multiprocessing
 import os
 import shutil
@@ -49,6 +50,7 @@ INSTANCES = "instances.tfrecord"  # in the work folder: the train split's serial
 _GO = "go"  # parent -> child: the instances file is complete
 _DONE = "done"  # child -> parent: the transform output is written
 
+_WORK_DIR_PREFIX = "imagebeam-analysis-"  # + parent pid + "-" + random, in the temp folder
 _RUNNING: dict[str, AnalysisProcess] = {}  # token -> process, for the pipeline's steps
 
 
@@ -78,7 +80,8 @@ class AnalysisProcess:
 
     @classmethod
     def start(cls) -> AnalysisProcess:
-        work_dir = tempfile.mkdtemp(prefix="imagebeam-analysis-")
+        remove_abandoned_work_dirs()
+        work_dir = tempfile.mkdtemp(prefix=f"{_WORK_DIR_PREFIX}{os.getpid()}-")
         parent_end, child_end = multiprocessing.get_context("fork").Pipe()
         sys.stdout.flush()  # or the child would inherit, and print again, what is buffered
         sys.stderr.flush()
@@ -129,6 +132,27 @@ class AnalysisProcess:
         self._process.join(timeout=10)
         return AnalysisFailed(f"the tf.Transform analysis process (exit code "
                               f"{self._process.exitcode}) wrote no output: {what}")
+
+
+def remove_abandoned_work_dirs() -> None:
+    """Removes the work folders of runs killed with their analysis process (SIGKILL to the
+    process group, as when a container dies: nobody was left to clean up). The folder
+    names carry the parent's pid; a live pid's folder is left alone."""
+    pattern = os.path.join(tempfile.gettempdir(), _WORK_DIR_PREFIX + "*")
+    for folder in glob.glob(pattern):
+        pid = os.path.basename(folder)[len(_WORK_DIR_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def running(token: str) -> AnalysisProcess:

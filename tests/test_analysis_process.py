@@ -6,8 +6,10 @@ these tests drive it in fresh Python processes.
 """
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import numpy as np
@@ -138,3 +140,17 @@ def test_a_process_running_other_threads_is_not_forked():
     """, timeout_s=60)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["True", "False"]
+
+
+def test_work_folders_of_killed_runs_are_removed_by_the_next_start(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    abandoned = tmp_path / f"imagebeam-analysis-{dead.stdout.strip()}-x1"
+    live = tmp_path / f"imagebeam-analysis-{os.getpid()}-x2"
+    unrelated = tmp_path / "imagebeam-analysis-notapid"
+    for folder in (abandoned, live, unrelated):
+        (folder / "tmp").mkdir(parents=True)
+    analysis_process.remove_abandoned_work_dirs()
+    assert not abandoned.exists()
+    assert live.exists() and unrelated.exists()
