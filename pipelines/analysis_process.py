@@ -27,13 +27,17 @@ Both run `analyzers.AnalyzeInstances` over the same instances, so their outputs 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
 import glob
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Iterator
@@ -49,8 +53,12 @@ from pipelines.options import beam_options, local_runner, runs_in_this_process
 INSTANCES = "instances.tfrecord"  # in the work folder: the train split's serialized instances
 _GO = "go"  # parent -> child: the instances file is complete
 _DONE = "done"  # child -> parent: the transform output is written
+_LOCK = ".lock"  # in the work folder: flock-ed while its run lives (see remove_abandoned...)
+_WORK_DIR_PREFIX = "imagebeam-analysis-"  # in the temp folder
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_ABANDONED_AFTER_S = 60  # a lock file this old and not held belongs to a dead run
+_LIVENESS_CHECK_S = 1.0  # how often a waiting side checks that the other is still there
 
-_WORK_DIR_PREFIX = "imagebeam-analysis-"  # + parent pid + "-" + random, in the temp folder
 _RUNNING: dict[str, AnalysisProcess] = {}  # token -> process, for the pipeline's steps
 
 
@@ -67,29 +75,36 @@ class AnalysisProcess:
 
     Forked, not spawned: the child starts with this process's modules (Beam's import,
     ~1.2 s of CPU, is not paid twice) and shares their memory pages until written.
-    Forking is safe here because it happens before this process starts any thread
-    (`started` runs first in `preprocess.run`) and the child never returns into the
-    parent's code: it ends with os._exit.
+    Forking is safe here because it happens before this process starts any Python thread
+    (`started` runs first in `preprocess.run`; `useful` checks), the native threads that
+    exist by then (OpenBLAS's, jemalloc's) have fork handlers, and the child never
+    returns into the parent's code: it ends with os._exit. It dies with the parent
+    (PR_SET_PDEATHSIG), so a killed run leaves no process behind.
     """
 
-    def __init__(self, work_dir: str, process, connection):
+    def __init__(self, work_dir: str, process, connection, lock):
         self.work_dir = work_dir
         self.token = uuid.uuid4().hex
         self._process = process
         self._connection = connection
+        self._lock = lock
 
     @classmethod
     def start(cls) -> AnalysisProcess:
         remove_abandoned_work_dirs()
-        work_dir = tempfile.mkdtemp(prefix=f"{_WORK_DIR_PREFIX}{os.getpid()}-")
-        parent_end, child_end = multiprocessing.get_context("fork").Pipe()
+        work_dir = tempfile.mkdtemp(prefix=_WORK_DIR_PREFIX)
+        lock = open(os.path.join(work_dir, _LOCK), "wb")  # noqa: SIM115 - held until close()
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        context = multiprocessing.get_context("fork")
+        parent_end, child_end = context.Pipe()
         sys.stdout.flush()  # or the child would inherit, and print again, what is buffered
         sys.stderr.flush()
-        process = multiprocessing.get_context("fork").Process(
-            target=_child, args=(work_dir, child_end), name="imagebeam-analysis", daemon=True)
+        process = context.Process(target=_child,
+                                  args=(work_dir, child_end, parent_end, os.getpid()),
+                                  name="imagebeam-analysis", daemon=True)
         process.start()
-        child_end.close()  # so that recv() sees EOF when the child dies
-        analysis = cls(work_dir, process, parent_end)
+        child_end.close()  # with the child's copy of parent_end closed too, EOF means death
+        analysis = cls(work_dir, process, parent_end, lock)
         _RUNNING[analysis.token] = analysis
         return analysis
 
@@ -107,12 +122,15 @@ class AnalysisProcess:
         os.replace(path + ".partial", path)
         try:
             self._connection.send(_GO)
-        except OSError as err:  # the child is gone
-            raise self._failure(f"it ended early ({err})") from err
+        except OSError as err:  # the child is gone; a failure it reported may be waiting
+            raise self._failure(self._reported() or f"it ended early ({err})") from err
 
     def wait(self) -> str:
         """Blocks until the child has written the transform output; its local folder."""
         try:
+            while not self._connection.poll(_LIVENESS_CHECK_S):
+                if not self._process.is_alive() and not self._connection.poll():
+                    raise EOFError  # died without a word (and EOF may never come)
             status, detail = self._connection.recv()
         except (EOFError, OSError) as err:  # EOF, or reset by a child killed mid-message
             raise self._failure(f"it died ({type(err).__name__})") from err
@@ -127,6 +145,17 @@ class AnalysisProcess:
         self._process.join()
         self._connection.close()
         shutil.rmtree(self.work_dir, ignore_errors=True)
+        self._lock.close()
+
+    def _reported(self) -> str | None:
+        """The failure the child sent before it exited, if one is waiting in the pipe."""
+        try:
+            if self._connection.poll():
+                status, detail = self._connection.recv()
+                return f"it failed:\n{detail}" if status != _DONE else None
+        except (EOFError, OSError):
+            pass
+        return None
 
     def _failure(self, what: str) -> AnalysisFailed:
         self._process.join(timeout=10)
@@ -135,24 +164,20 @@ class AnalysisProcess:
 
 
 def remove_abandoned_work_dirs() -> None:
-    """Removes the work folders of runs killed with their analysis process (SIGKILL to the
-    process group, as when a container dies: nobody was left to clean up). The folder
-    names carry the parent's pid; a live pid's folder is left alone."""
-    pattern = os.path.join(tempfile.gettempdir(), _WORK_DIR_PREFIX + "*")
-    for folder in glob.glob(pattern):
-        pid = os.path.basename(folder)[len(_WORK_DIR_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+    """Removes the work folders of runs that died without cleaning up (killed with
+    SIGKILL, as when a container dies). A live run holds an flock on its folder's lock
+    file (the child inherits it), so only folders whose lock can be taken are removed;
+    folders without a lock file, or with one under a minute old, are left alone."""
+    for folder in glob.glob(os.path.join(tempfile.gettempdir(), _WORK_DIR_PREFIX + "*")):
+        path = os.path.join(folder, _LOCK)
+        try:
+            if time.time() - os.stat(path).st_mtime < _ABANDONED_AFTER_S:
+                continue  # perhaps created a moment ago, not locked yet
+            with open(path, "rb") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # no lock file, or a live run holds it
+            continue
 
 
 def running(token: str) -> AnalysisProcess:
@@ -174,12 +199,19 @@ def useful(options: PipelineOptions) -> bool:
 
 @contextlib.contextmanager
 def started(options: PipelineOptions) -> Iterator[str | None]:
-    """The token of a started AnalysisProcess where `useful(options)`, else None;
-    the process is stopped and its folder removed on exit."""
+    """The token of a started AnalysisProcess where `useful(options)`, else None (also
+    when it cannot start: the analysis then runs in the pipeline); the process is
+    stopped and its folder removed on exit."""
     if not useful(options):
         yield None
         return
-    analysis = AnalysisProcess.start()
+    try:
+        analysis = AnalysisProcess.start()
+    except OSError as err:  # no temp folder, no memory to fork: the slower path still works
+        print(f"[preprocess] no analysis process ({err}); tf.Transform runs in the pipeline",
+              file=sys.stderr)
+        yield None
+        return
     try:
         yield analysis.token
     finally:
@@ -229,37 +261,57 @@ class AnalyzeInProcess(beam.PTransform):
         )
 
 
-def _child(work_dir: str, connection) -> None:
+def _child(work_dir: str, connection, parent_end, parent_pid: int) -> None:
     """The analysis process: build the pipeline over the instances file (this imports
     TensorFlow and tf.Transform and traces the graph), wait for "go", run it, report."""
-    code = 0
+    parent_end.close()  # the parent's end lives only in the parent: its death is EOF here
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops this process
+    _die_with(parent_pid)
+    code = 1
     try:
-        options = beam_options([])
-        pipeline = beam.Pipeline(runner=local_runner(options), options=options)
-        _ = (
-            pipeline
-            | "InstancesFile" >> beam.Create([os.path.join(work_dir, INSTANCES)])
-            | "ReadInstances" >> beam.FlatMap(_read_records)
-            | "AnalyzeInstances" >> analyzers.AnalyzeInstances(
-                os.path.join(work_dir, analyzers.TRANSFORM_OUTPUT),
-                os.path.join(work_dir, "tmp"))
-        )
-        if connection.recv() == _GO:
-            pipeline.run().wait_until_finish()
-            connection.send((_DONE, None))
-    except (EOFError, BrokenPipeError):  # the parent went away (killed): nobody will read it
-        shutil.rmtree(work_dir, ignore_errors=True)
-        code = 3
-    except Exception:  # noqa: BLE001 - any failure: its traceback is the parent's error text
+        code = _analyze(work_dir, connection)
+    except BaseException:  # noqa: BLE001 - any failure: its traceback is the parent's error text
         with contextlib.suppress(OSError):
             connection.send(("failed", traceback.format_exc()))
-        code = 1
     # Never return into the parent's code (this is a fork of it), and skip the teardown:
     # tf.Transform leaves reference cycles whose collection can crash the interpreter at
     # exit (see preprocess.main); the output is written.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _analyze(work_dir: str, connection) -> int:
+    options = beam_options([])
+    pipeline = beam.Pipeline(runner=local_runner(options), options=options)
+    _ = (
+        pipeline
+        | "InstancesFile" >> beam.Create([os.path.join(work_dir, INSTANCES)])
+        | "ReadInstances" >> beam.FlatMap(_read_records)
+        | "AnalyzeInstances" >> analyzers.AnalyzeInstances(
+            os.path.join(work_dir, analyzers.TRANSFORM_OUTPUT), os.path.join(work_dir, "tmp"))
+    )
+    try:
+        message = connection.recv()
+    except (EOFError, OSError):
+        message = None
+    if message != _GO:  # the parent went away before handing over the instances
+        shutil.rmtree(work_dir, ignore_errors=True)
+        return 3
+    pipeline.run().wait_until_finish()
+    connection.send((_DONE, None))
+    return 0
+
+
+def _die_with(parent_pid: int) -> None:
+    """Asks Linux to SIGKILL this process when its parent dies (PR_SET_PDEATHSIG): a
+    parent killed with SIGKILL or SIGTERM runs no cleanup, and this process would live
+    on holding ~0.7 GB."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:  # it died before the request took effect
+        os._exit(3)
 
 
 def _read_records(path: str) -> Iterator[bytes]:

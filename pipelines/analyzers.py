@@ -35,6 +35,7 @@ from collections.abc import Iterable
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines import records
@@ -234,8 +235,9 @@ def copy_local_tree(source: str, destination: str) -> None:
         for name in names:
             parts = [] if relative == "." else relative.split(os.sep)
             target = FileSystems.join(destination, *parts, name)
+            # UNCOMPRESSED: by default Beam compresses a file whose name ends in .gz
             with open(os.path.join(folder, name), "rb") as src, FileSystems.create(
-                target
+                target, compression_type=CompressionTypes.UNCOMPRESSED
             ) as dst:
                 shutil.copyfileobj(src, dst)
 

@@ -168,53 +168,69 @@ def parse_example(record: bytes) -> dict[str, list]:
 
     The wire format read directly, as `serialize_example` writes it: parsing with
     TensorFlow's `example_pb2` would load all of TensorFlow (~3 s) into a process that
-    otherwise never needs it. Reads packed and unpacked numbers, skips unknown fields;
-    ValueError on a malformed record. A test holds it equal to TensorFlow's parser.
+    otherwise never needs it. Follows protobuf's rules: a sub-message that occurs twice
+    is merged (its occurrences concatenated), a map key that occurs twice keeps the last
+    value, a oneof keeps its last member, numbers may be packed or not, fields with an
+    unknown number or an unexpected wire type are skipped. ValueError on a malformed
+    record. Tests hold it equal to TensorFlow's parser.
     """
     parsed: dict[str, list] = {}
-    for number, _, entry in _fields(_only_field(record, 1)):  # Example.features
-        if number != 1:  # Features.feature: map<string, Feature> entries
+    # Example.features (1) -> Features.feature (1): map<string, Feature> entries
+    for number, wire_type, entry in _fields(_merged(record, 1)):
+        if number != 1 or wire_type != 2:
             continue
         key, feature = b"", b""
-        for entry_number, _, value in _fields(entry):
+        for entry_number, entry_type, value in _fields(entry):
+            if entry_type != 2:
+                continue
             if entry_number == 1:
                 key = value
             elif entry_number == 2:
-                feature = value
+                feature += value  # a message field occurring twice merges
         parsed[key.decode()] = _feature_values(feature)
     return parsed
 
 
+def _merged(message: bytes, wanted: int) -> bytes:
+    """Field `wanted` of `message`, a sub-message: its occurrences concatenated, which is
+    how protobuf merges them."""
+    return b"".join(value for number, wire_type, value in _fields(message)
+                    if number == wanted and wire_type == 2)
+
+
 def _feature_values(feature: bytes) -> list:
+    """Feature's oneof: 1 bytes_list, 2 float_list, 3 int64_list (the last member wins;
+    the same member twice merges)."""
+    kind, values = None, []
+    for number, wire_type, payload in _fields(feature):
+        if number not in (1, 2, 3) or wire_type != 2:
+            continue
+        if number != kind:
+            kind, values = number, []
+        values.extend(_list_values(number, payload))
+    return values
+
+
+def _list_values(kind: int, payload: bytes) -> list:
     values: list = []
-    for kind, _, kind_list in _fields(feature):  # the oneof: 1 bytes, 2 float, 3 int64
-        values = []
-        for number, wire_type, value in _fields(kind_list):
-            if number != 1:
-                continue
-            if kind == 1:
-                values.append(value)
-            elif kind == 2:
-                values.extend(struct.unpack(f"<{len(value) // 4}f", value) if wire_type == 2
-                              else struct.unpack("<f", value))
-            elif kind == 3:
-                values.extend(_signed(v) for v in (_varints(value) if wire_type == 2
-                                                    else [value]))
+    for number, wire_type, value in _fields(payload):
+        if number != 1:
+            continue
+        if kind == 1 and wire_type == 2:
+            values.append(value)
+        elif kind == 2 and wire_type in (2, 5):  # packed, or one fixed32 per tag
+            if len(value) % 4:
+                raise ValueError(f"packed float list of {len(value)} bytes")
+            values.extend(struct.unpack(f"<{len(value) // 4}f", value))
+        elif kind == 3 and wire_type == 2:  # packed varints
+            values.extend(_signed(v) for v in _varints(value))
+        elif kind == 3 and wire_type == 0:
+            values.append(_signed(value))
     return values
 
 
 def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _only_field(message: bytes, wanted: int) -> bytes:
-    """The payload of length-delimited field `wanted` (the last one, as protobuf
-    merges), b"" if absent."""
-    found = b""
-    for number, _, value in _fields(message):
-        if number == wanted:
-            found = value
-    return found
 
 
 def _fields(message: bytes):
@@ -223,6 +239,8 @@ def _fields(message: bytes):
     while position < end:
         tag, position = _read_varint(message, position)
         number, wire_type = tag >> 3, tag & 7
+        if number == 0:
+            raise ValueError("protobuf field number 0")
         if wire_type == 0:
             value, position = _read_varint(message, position)
         elif wire_type == 2:
@@ -255,5 +273,5 @@ def _read_varint(data: bytes, position: int) -> tuple[int, int]:
         position += 1
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
-            return value, position
+            return value & ((1 << 64) - 1), position  # as protobuf: the low 64 bits
         shift += 7

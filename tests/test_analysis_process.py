@@ -5,12 +5,17 @@ The production path needs a process that has not loaded TensorFlow (pytest has),
 these tests drive it in fresh Python processes.
 """
 
+import fcntl
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,13 +149,58 @@ def test_a_process_running_other_threads_is_not_forked():
 
 def test_work_folders_of_killed_runs_are_removed_by_the_next_start(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    abandoned = tmp_path / f"imagebeam-analysis-{dead.stdout.strip()}-x1"
-    live = tmp_path / f"imagebeam-analysis-{os.getpid()}-x2"
-    unrelated = tmp_path / "imagebeam-analysis-notapid"
-    for folder in (abandoned, live, unrelated):
+    folders = {name: tmp_path / f"imagebeam-analysis-{name}"
+               for name in ("abandoned", "live", "fresh", "unlocked")}
+    for name, folder in folders.items():
         (folder / "tmp").mkdir(parents=True)
-    analysis_process.remove_abandoned_work_dirs()
-    assert not abandoned.exists()
-    assert live.exists() and unrelated.exists()
+        if name != "unlocked":
+            lock = folder / ".lock"
+            lock.touch()
+            if name != "fresh":
+                os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    with open(folders["live"] / ".lock", "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a running analysis holds it
+        analysis_process.remove_abandoned_work_dirs()
+    assert not folders["abandoned"].exists()
+    assert all(folders[name].exists() for name in ("live", "fresh", "unlocked"))
+
+
+def test_a_failure_before_go_reaches_the_user_with_its_traceback():
+    done = run_python("""
+        import json, time
+        from pipelines import analysis_process, analyzers
+        def broken(self, instances):
+            raise ZeroDivisionError("tracing failed")
+        analyzers.AnalyzeInstances.expand = broken  # the fork inherits it
+        analysis = analysis_process.AnalysisProcess.start()
+        time.sleep(3)  # the child fails while building, long before the instances come
+        try:
+            analysis.submit([])
+            analysis.wait()
+            outcome = "no error"
+        except analysis_process.AnalysisFailed as err:
+            outcome = str(err)
+        analysis.close()
+        print(json.dumps({"outcome": outcome}))
+    """, timeout_s=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])["outcome"]
+    assert "ZeroDivisionError: tracing failed" in outcome and "Traceback" in outcome
+
+
+def test_the_child_dies_with_a_killed_parent(tmp_path):
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys, time
+        from pipelines import analysis_process
+        analysis = analysis_process.AnalysisProcess.start()
+        print(analysis._process.pid, analysis.work_dir, flush=True)
+        time.sleep(600)
+    """)], stdout=subprocess.PIPE, text=True)
+    child_pid, work_dir = parent.stdout.readline().split()
+    os.kill(parent.pid, signal.SIGKILL)  # no cleanup runs in the parent
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while Path(f"/proc/{child_pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{child_pid}").exists(), "the analysis process outlived its parent"
+    shutil.rmtree(work_dir, ignore_errors=True)

@@ -137,3 +137,29 @@ def test_parse_example_refuses_truncated_records():
     record = records.make_example(**CASES[0])
     with pytest.raises(ValueError):
         records.parse_example(record[:-3])
+
+
+def test_parse_example_merges_and_skips_as_protobuf_does():
+    field, varint = records._field, records._varint
+    twice = (field(1, field(1, field(1, b"a") + field(2, records.bytes_feature([b"x"]))))
+             + field(1, field(1, field(1, b"b") + field(2, records.bytes_feature([b"y"])))))
+    in_one_feature = records.serialize_example(
+        {"k": records.bytes_feature([b"x"]) + records.bytes_feature([b"y"])})
+    member_replaced = records.serialize_example(
+        {"k": records.bytes_feature([b"x"]) + records.float_feature([2.0])})
+    wrong_wire_type = records.serialize_example(  # bytes_list value as a varint: skipped
+        {"k": field(1, varint(1 << 3 | 0) + varint(1) + field(1, b"z"))})
+    overlong = records.serialize_example(  # ten-byte -1 with a stray high bit: low 64 bits
+        {"k": field(3, field(1, b"\xff" * 9 + b"\x7f"))})
+    for record in (twice, in_one_feature, member_replaced, wrong_wire_type, overlong):
+        expected = _tf_example_values(tf.train.Example.FromString(record))
+        assert records.parse_example(record) == expected
+    assert records.parse_example(twice) == {"a": [b"x"], "b": [b"y"]}
+    assert records.parse_example(in_one_feature) == {"k": [b"x", b"y"]}
+    assert records.parse_example(overlong) == {"k": [-1]}
+
+
+def test_parse_example_raises_value_error_on_bad_lengths():
+    bad_floats = records.serialize_example({"k": records._field(2, records._field(1, b"abc"))})
+    with pytest.raises(ValueError):
+        records.parse_example(bad_floats)
