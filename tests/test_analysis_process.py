@@ -32,6 +32,29 @@ def run_python(code: str, timeout_s: float = 240) -> subprocess.CompletedProcess
                           text=True, timeout=timeout_s, check=False)
 
 
+def analysis_outcome(*, setup: str = "", before_submit: str = "", instances: str = "[]",
+                     timeout_s: float = 60) -> dict:
+    """Starts an AnalysisProcess in a fresh process, hands it `instances` and waits:
+    {"outcome": "no error" or the AnalysisFailed message, "left": work folder remains}."""
+    done = run_python(f"""
+        import json, os, time
+        from pipelines import analysis_process, analyzers
+        {setup}
+        analysis = analysis_process.AnalysisProcess.start()
+        {before_submit}
+        try:
+            analysis.submit({instances})
+            analysis.wait()
+            outcome = "no error"
+        except analysis_process.AnalysisFailed as err:
+            outcome = str(err)
+        analysis.close()
+        print(json.dumps({{"outcome": outcome, "left": os.path.exists(analysis.work_dir)}}))
+    """, timeout_s=timeout_s)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
     """(the command's output, run in a fresh process, where the analysis runs in a second
@@ -79,43 +102,15 @@ def test_second_process_output_equals_the_in_pipeline_output(outputs):
 
 
 def test_a_failing_analysis_fails_with_its_traceback_and_cleans_up():
-    done = run_python("""
-        import json, os
-        from pipelines import analysis_process
-        analysis = analysis_process.AnalysisProcess.start()
-        analysis.submit([b"not a tf.Example"])
-        try:
-            analysis.wait()
-            outcome = "no error"
-        except analysis_process.AnalysisFailed as err:
-            outcome = str(err)
-        analysis.close()
-        print(json.dumps({"outcome": outcome, "left": os.path.exists(analysis.work_dir)}))
-    """)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = analysis_outcome(instances='[b"not a tf.Example"]', timeout_s=240)
     assert "wrote no output: it failed" in result["outcome"]
     assert "Traceback" in result["outcome"]  # the child's own traceback reaches the user
     assert not result["left"]
 
 
 def test_a_dead_analysis_process_fails_the_wait_instead_of_hanging():
-    done = run_python("""
-        import json
-        from pipelines import analysis_process
-        analysis = analysis_process.AnalysisProcess.start()
-        analysis._process.kill()  # as the OOM killer would
-        try:
-            analysis.submit([])
-            analysis.wait()
-            outcome = "no error"
-        except analysis_process.AnalysisFailed as err:
-            outcome = str(err)
-        analysis.close()
-        print(json.dumps({"outcome": outcome}))
-    """, timeout_s=60)
-    assert done.returncode == 0, done.stderr[-3000:]
-    outcome = json.loads(done.stdout.strip().splitlines()[-1])["outcome"]
+    outcome = analysis_outcome(
+        before_submit="analysis._process.kill()  # as the OOM killer would")["outcome"]
     assert "exit code -9" in outcome and "wrote no output" in outcome
 
 
@@ -166,25 +161,11 @@ def test_work_folders_of_killed_runs_are_removed_by_the_next_start(tmp_path, mon
 
 
 def test_a_failure_before_go_reaches_the_user_with_its_traceback():
-    done = run_python("""
-        import json, time
-        from pipelines import analysis_process, analyzers
-        def broken(self, instances):
-            raise ZeroDivisionError("tracing failed")
-        analyzers.AnalyzeInstances.expand = broken  # the fork inherits it
-        analysis = analysis_process.AnalysisProcess.start()
-        time.sleep(3)  # the child fails while building, long before the instances come
-        try:
-            analysis.submit([])
-            analysis.wait()
-            outcome = "no error"
-        except analysis_process.AnalysisFailed as err:
-            outcome = str(err)
-        analysis.close()
-        print(json.dumps({"outcome": outcome}))
-    """, timeout_s=60)
-    assert done.returncode == 0, done.stderr[-3000:]
-    outcome = json.loads(done.stdout.strip().splitlines()[-1])["outcome"]
+    outcome = analysis_outcome(
+        # the fork inherits the patch: the child fails while building its pipeline
+        setup="def broken(self, instances): raise ZeroDivisionError('tracing failed')\n"
+              "        analyzers.AnalyzeInstances.expand = broken",
+        before_submit="time.sleep(3)  # long before the instances come")["outcome"]
     assert "ZeroDivisionError: tracing failed" in outcome and "Traceback" in outcome
 
 
