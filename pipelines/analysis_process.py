@@ -8,7 +8,7 @@ own, forked at the top of `preprocess.run`, does it while this one lists, builds
 decodes; the pipeline hands it the train split's analyzer instances once duplicates are
 merged and collects the written transform after the shards are written, so the analysis
 itself runs beside the shard writing too. Measured on 2 vCPUs (tests/benchmarks/
-stats_overhead.py): the statistics phase's cost fell from +4.9-6.1 s to +3.0-3.6 s of a
+stats_overhead.py): the statistics phase's cost fell from +4.9-6.1 s to +2.7-3.6 s of a
 2,000-image run and from +5.5 s to +1.4 s of a 16,000-image one, for ~1 s more CPU.
 
     preprocess.run ── start() ──> child: import TF + tf.Transform, build its pipeline,
