@@ -185,3 +185,35 @@ def test_the_child_dies_with_a_killed_parent(tmp_path):
         time.sleep(0.1)
     assert not Path(f"/proc/{child_pid}").exists(), "the analysis process outlived its parent"
     shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def test_gs_output_gets_the_second_process_transform(outputs, tmp_path_factory):
+    """The second process writes locally; the pipeline copies its output into the bucket
+    (tf.Transform's own writer could not reach the emulator)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from pipelines.gcs_emulator import GcsEmulator
+
+    _, in_pipeline, _ = outputs
+    raw, _ = stats_outputs.raw_corpus(tmp_path_factory)
+    with GcsEmulator() as emulator:
+        emulator.create_bucket("images")
+        emulator.upload_folder(str(raw), "gs://images/raw")
+        argv = ["--input", "gs://images/raw", "--output", "gs://images/prep",
+                *stats_outputs.ARGS]
+        done = run_python(f"""
+            from pipelines import preprocess
+            raise SystemExit(preprocess.run({argv!r}))
+        """)
+        assert done.returncode == 0, done.stderr[-3000:]
+        manifest = read_manifest("gs://images/prep")
+        assert manifest["timings"]["tf_transform_ran"] == "in a second process"
+        root = "gs://images/prep/transform_output/"
+        copied = {m.path[len(root):]: m.size_in_bytes
+                  for m in FileSystems.match([root + "**"])[0].metadata_list}
+        local = in_pipeline / "transform_output"
+        assert set(copied) == {str(p.relative_to(local)) for p in local.rglob("*")
+                               if p.is_file()}
+        vocabulary = "transform_fn/assets/labels"
+        with FileSystems.open(root + vocabulary) as handle:
+            assert handle.read() == (local / vocabulary).read_bytes()
