@@ -53,6 +53,8 @@ from pipelines.options import beam_options, local_runner, runs_in_this_process
 INSTANCES = "instances.tfrecord"  # in the work folder: the train split's serialized instances
 _GO = "go"  # parent -> child: the instances file is complete
 _DONE = "done"  # child -> parent: the transform output is written
+_STDERR_LOG = "stderr.log"  # in the work folder: the child's stderr (TensorFlow's C++ lines)
+_STDERR_TAIL_BYTES = 3000
 _LOCK = ".lock"  # in the work folder: flock-ed while its run lives (see remove_abandoned...)
 _WORK_DIR_PREFIX = "imagebeam-analysis-"  # in the temp folder
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -160,7 +162,17 @@ class AnalysisProcess:
     def _failure(self, what: str) -> AnalysisFailed:
         self._process.join(timeout=10)
         return AnalysisFailed(f"the tf.Transform analysis process (exit code "
-                              f"{self._process.exitcode}) wrote no output: {what}")
+                              f"{self._process.exitcode}) wrote no output: {what}"
+                              f"{self._stderr_tail()}")
+
+    def _stderr_tail(self) -> str:
+        try:
+            with open(os.path.join(self.work_dir, _STDERR_LOG), "rb") as log:
+                log.seek(max(0, os.fstat(log.fileno()).st_size - _STDERR_TAIL_BYTES))
+                tail = log.read().decode(errors="replace").strip()
+        except OSError:
+            return ""
+        return f"\nits stderr ended:\n{tail}" if tail else ""
 
 
 def remove_abandoned_work_dirs() -> None:
@@ -265,6 +277,13 @@ def _child(work_dir: str, connection, parent_end, parent_pid: int) -> None:
     """The analysis process: build the pipeline over the instances file (this imports
     TensorFlow and tf.Transform and traces the graph), wait for "go", run it, report."""
     parent_end.close()  # the parent's end lives only in the parent: its death is EOF here
+    # TensorFlow's C++ start-up lines (oneDNN, CUDA probing: ~5 lines a run, which
+    # TF_CPP_MIN_LOG_LEVEL does not stop before absl's logging is initialised) go to a
+    # file, not the user's terminal; a failure's traceback comes over the pipe, and the
+    # file's tail is added to the error when the process dies without one.
+    log = os.open(os.path.join(work_dir, _STDERR_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(log, 2)
+    os.close(log)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops this process
     _die_with(parent_pid)
     code = 1

@@ -8,6 +8,7 @@ these tests drive it in fresh Python processes.
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -73,6 +74,9 @@ def outputs(tmp_path_factory):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["code"] == 0, done.stderr[-3000:]
+    # No TensorFlow C++ log lines ("E0000 ... failed call to cuInit" on a machine without
+    # a GPU) reach the user's terminal: only the command's own lines.
+    assert not re.search(r"^[IWE]\d{4} ", done.stderr, re.MULTILINE), done.stderr[-3000:]
     return out, in_pipeline, result["tensorflow"]
 
 
@@ -109,9 +113,15 @@ def test_a_failing_analysis_fails_with_its_traceback_and_cleans_up():
 
 
 def test_a_dead_analysis_process_fails_the_wait_instead_of_hanging():
-    outcome = analysis_outcome(
-        before_submit="analysis._process.kill()  # as the OOM killer would")["outcome"]
+    wait_for_tensorflow_lines = (  # then kill it, as the OOM killer would
+        "log = os.path.join(analysis.work_dir, 'stderr.log')\n"
+        "        while not (os.path.exists(log) and os.path.getsize(log)): time.sleep(0.05)\n"
+        "        analysis._process.kill()")
+    outcome = analysis_outcome(before_submit=wait_for_tensorflow_lines)["outcome"]
     assert "exit code -9" in outcome and "wrote no output" in outcome
+    # Its stderr (TensorFlow's C++ lines, kept off the terminal) is the only trace a kill
+    # leaves: the error carries its tail.
+    assert "its stderr ended" in outcome
 
 
 @pytest.mark.parametrize("args", [
