@@ -47,7 +47,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.tfrecordio import _TFRecordUtil
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import analyzers
+from pipelines import analyzers, records
 from pipelines.options import beam_options, local_runner, runs_in_this_process
 
 INSTANCES = "instances.tfrecord"  # in the work folder: the train split's serialized instances
@@ -335,5 +335,4 @@ def _die_with(parent_pid: int) -> None:
 
 def _read_records(path: str) -> Iterator[bytes]:
     with open(path, "rb") as handle:
-        while (record := _TFRecordUtil.read_record(handle)) is not None:
-            yield record
+        yield from records.read_records(handle)

@@ -13,7 +13,8 @@ CPU, half of a 2,000-image local run on two cores.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import BinaryIO
 
 ENCODED = "image/encoded"
 FORMAT = "image/format"
@@ -161,6 +162,15 @@ def example_features(
         ORIGINAL_HEIGHT: _int64_feature([original_height]),
         ORIGINAL_WIDTH: _int64_feature([original_width]),
     }
+
+
+def read_records(handle: BinaryIO) -> Iterator[bytes]:
+    """The records of an open TFRecord file, in order (Beam's framing reader: no
+    TensorFlow; imported here, so trainers that import this module do not load Beam)."""
+    from apache_beam.io.tfrecordio import _TFRecordUtil
+
+    while (record := _TFRecordUtil.read_record(handle)) is not None:
+        yield record
 
 
 def parse_example(record: bytes) -> dict[str, list]:

@@ -25,7 +25,6 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.io.tfrecordio import _TFRecordUtil
 from PIL import Image
 
 from pipelines import records
@@ -99,9 +98,8 @@ def read_thumbnails(
             break
         path = FileSystems.join(root, *relative.split("/"))
         with FileSystems.open(path, compression_type="uncompressed") as handle:
-            while any(wanted.values()) and spent < budget_bytes:
-                record = _TFRecordUtil.read_record(handle)
-                if record is None:
+            for record in records.read_records(handle):
+                if not any(wanted.values()) or spent >= budget_bytes:
                     break
                 spent += len(record) + 16
                 example = _parse(record)
