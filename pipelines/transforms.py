@@ -12,6 +12,7 @@ Only small metadata crosses a shuffle; pixels travel through spill files.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import uuid
@@ -136,11 +137,24 @@ class ReuseEntry:
         )
 
 
-# A file that cannot be read for good is a dead letter. On gs:// that is 404 (deleted
-# since the listing: it failed the whole job before) or 403; transient errors are
-# retried by the storage client and, once its deadline passes (RetryError), fail the
-# bundle so the runner retries it: a flaky read never silently drops an image.
-_PERMANENT_READ_ERRORS = (BeamIOError, OSError, google_errors.NotFound, google_errors.Forbidden)
+# A file that cannot be read for good is a dead letter: it is not there (deleted since
+# the listing, a dangling link, a CSV row naming a folder) or we may not read it (GCS
+# 403, local EACCES). Anything else (EIO, a reset connection, a timeout, GCS 500/503
+# once the storage client's own retries have run out, a 401) may pass: it fails the
+# bundle, so the runner retries it (Dataflow four times) instead of dropping an image.
+_PERMANENT_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP,
+                               errno.ENAMETOOLONG, errno.EACCES, errno.EPERM})
+
+
+def is_permanent_read_error(err: BaseException) -> bool:
+    """Whether reading the same path again can only fail the same way."""
+    if isinstance(err, (google_errors.NotFound, google_errors.Forbidden)):
+        return True
+    if isinstance(err, BeamIOError):  # before OSError: it is one, with no errno
+        causes = list((err.exception_details or {}).values())
+        return bool(causes) and all(is_permanent_read_error(cause) for cause in causes)
+    # requests' ConnectionError and Timeout are OSErrors too, with errno None.
+    return isinstance(err, OSError) and err.errno in _PERMANENT_ERRNOS
 
 
 def _count(name: str, n: int = 1) -> None:
@@ -171,7 +185,9 @@ def decode_source(source: SourceFile, spec: ImageSpec,
     """
     try:
         data = _read_bytes(source.uri)
-    except _PERMANENT_READ_ERRORS as err:
+    except (OSError, google_errors.GoogleAPICallError) as err:
+        if not is_permanent_read_error(err):
+            raise
         return DecodeOutcome("errors_read", error=ErrorRow(source.uri, "unreadable", "read",
                                                             str(err)[:500]))
     sha256 = hashlib.sha256(data).hexdigest()
@@ -392,9 +408,13 @@ class WriteShardFn(beam.DoFn):
     def process(self, keyed: tuple[ShardKey, Iterable[UniqueImage]]) -> Iterator[ShardInfo]:
         (split, index, count), members = keyed
         images = sorted(members, key=lambda image: image.order)
-        relative = f"data/{splits.shard_name(split, index, count)}"
+        name = splits.shard_name(split, index, count)
+        relative = f"data/{name}"
         final_path = FileSystems.join(self._output, relative)
-        temporary = f"{final_path}.tmp-{uuid.uuid4().hex}"
+        # Under _tmp/ (removed before the manifest is written): a retried bundle's
+        # abandoned attempt never leaves a stray file beside the shards in data/.
+        temporary = FileSystems.join(self._output, "_tmp", "shards",
+                                     f"{name}.{uuid.uuid4().hex}")
         blobs = read_spilled(image.spill for image in images)
         class_counts: Counter[str] = Counter()
         num_bytes = 0
@@ -408,6 +428,7 @@ class WriteShardFn(beam.DoFn):
                                              + image_offset, len(encoded)))
                 num_bytes += _TFRecordUtil.encoded_num_bytes(record)
                 class_counts.update(image.labels)
+        _make_folder(FileSystems.join(self._output, "data"))
         FileSystems.rename([temporary], [final_path])
         _count("records_written", len(images))
         yield ShardInfo(split, index, relative, len(images), num_bytes,
@@ -428,6 +449,14 @@ class WriteShardFn(beam.DoFn):
             original_height=image.original_height,
             original_width=image.original_width,
         )
+
+
+def _make_folder(path: str) -> None:
+    """A local rename needs its target folder; object stores have none (a no-op)."""
+    try:
+        FileSystems.mkdirs(path)
+    except OSError:  # it exists already (another shard made it); a real failure fails
+        pass  # the rename that follows, with its own message
 
 
 _RECORD_HEADER_BYTES = 12  # TFRecord framing before the payload: length (8) + its CRC (4)

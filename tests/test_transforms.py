@@ -1,11 +1,18 @@
 """The Beam steps on a handful of real files, with TestPipeline + assert_that."""
 
+import dataclasses
+import errno
+
 import apache_beam as beam
 import pytest
+import requests
+from apache_beam.io.filesystem import BeamIOError
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
+from google.api_core import exceptions as google_errors
 
+from pipelines import transforms
 from pipelines.imaging import ImageSpec
 from pipelines.options import PreprocessConfig
 from pipelines.sources import SourceFile
@@ -112,3 +119,87 @@ def _unique(i, split, label):
     sha = f"{i:064x}"
     return UniqueImage(sha, (f"/x/{i}",), (label,), False, SpillRef("s", i, 10), 100, 10, 10,
                        "JPEG", (0.0,) * 3, (0.0,) * 3, split, order_key(sha, "salt"))
+
+
+def test_a_failed_shard_attempt_leaves_its_temporary_file_under_tmp(tmp_path, monkeypatch):
+    """A retried bundle's abandoned attempt: its file waits under _tmp/ (removed before
+    the manifest), never beside the shards in data/."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from pipelines.spill import SpillWriter
+    from pipelines.transforms import WriteShardFn
+
+    writer = SpillWriter(str(tmp_path / "spill"))
+    image = dataclasses.replace(_unique(1, "train", "cat"), spill=writer.append(b"jpeg bytes"))
+    writer.close()
+    out = tmp_path / "out"
+    fn = WriteShardFn(str(out), ImageSpec(16, 16), ["cat"])
+    fn.setup()
+    rename = FileSystems.rename
+
+    def fail_once(sources, destinations):
+        monkeypatch.setattr(FileSystems, "rename", rename)
+        raise OSError("worker lost")
+
+    monkeypatch.setattr(FileSystems, "rename", fail_once)
+    with pytest.raises(OSError):
+        list(fn.process((("train", 0, 1), [image])))
+    (info,) = fn.process((("train", 0, 1), [image]))  # the retry
+    assert sorted(p.name for p in (out / "data").iterdir()) == [info.path.split("/")[1]]
+    assert [p.relative_to(out).parent.as_posix() for p in out.rglob("*") if p.is_file()
+            and p.parent.name != "data"] == ["_tmp/shards"]
+
+
+_MISSING = OSError(errno.ENOENT, "No such file or directory")
+_PERMANENT = [FileNotFoundError(errno.ENOENT, "gone"), PermissionError(errno.EACCES, "denied"),
+              IsADirectoryError(errno.EISDIR, "a folder"), google_errors.NotFound("404"),
+              google_errors.Forbidden("403"), BeamIOError("open failed", {"x": _MISSING})]
+_TRANSIENT = [OSError(errno.EIO, "Input/output error"), ConnectionResetError(errno.ECONNRESET,
+              "reset"), TimeoutError("timed out"), requests.exceptions.ConnectionError("reset"),
+              requests.exceptions.ReadTimeout("slow"), google_errors.ServiceUnavailable("503"),
+              google_errors.InternalServerError("500"), google_errors.Unauthorized("401"),
+              google_errors.RetryError("deadline exceeded", None),
+              BeamIOError("open failed", {"x": OSError(errno.EIO, "I/O")})]
+
+
+@pytest.mark.parametrize("error", _PERMANENT, ids=lambda e: type(e).__name__)
+def test_a_file_that_cannot_be_read_for_good_is_a_dead_letter(error, monkeypatch):
+    monkeypatch.setattr(transforms, "_read_bytes", _raiser(error))
+    outcome = transforms.decode_source(SourceFile("/in/cat/a.jpg", ("cat",)), ImageSpec(8, 8))
+    assert (outcome.counter, outcome.error.reason, outcome.error.stage) == (
+        "errors_read", "unreadable", "read")
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("error", _TRANSIENT, ids=lambda e: type(e).__name__)
+def test_any_other_read_error_fails_the_bundle_so_the_runner_retries_it(
+        error, threads, monkeypatch, tmp_path):
+    """A dead letter is final: a flaky read must never become one."""
+    monkeypatch.setattr(transforms, "_read_bytes", _raiser(error))
+    fn = DecodeSourceFn(ImageSpec(8, 8), str(tmp_path), None, threads=threads)
+    fn.setup()
+    fn.start_bundle()
+    with pytest.raises(type(error)):
+        list(fn.process(SourceFile("/in/cat/a.jpg", ("cat",))))
+        list(fn.finish_bundle())
+    fn.teardown()
+
+
+def test_real_local_read_errors_are_told_apart(tmp_path):
+    """Not mocked: a dangling link and a folder are dead letters; the kernel's EIO (reading
+    /proc/self/mem at offset 0) fails the bundle."""
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "deleted.jpg")
+    (tmp_path / "folder.jpg").mkdir()
+    for name in ("dangling.jpg", "folder.jpg"):
+        outcome = transforms.decode_source(SourceFile(str(tmp_path / name), ("x",)),
+                                           ImageSpec(8, 8))
+        assert outcome.error.reason == "unreadable", name
+    with pytest.raises(OSError) as raised:
+        transforms.decode_source(SourceFile("/proc/self/mem", ("x",)), ImageSpec(8, 8))
+    assert raised.value.errno == errno.EIO
+
+
+def _raiser(error):
+    def read(uri):
+        raise error
+    return read
