@@ -15,6 +15,8 @@ What it injects, on a share `rate` of requests (loopback only, every fault bound
                   already happened (the nasty case for copies, deletes and uploads)
   cut_body        the upstream answer's headers and half its body, then a reset
 and, on a further share `delay_rate`, a delay of up to `max_delay_s` before forwarding.
+`always` answers every request for chosen objects with a fixed status or a reset (a 403 for
+good, a 503 that outlasts every retry), whatever the rate.
 
 Determinism: whether the n-th attempt of a request is hit is a hash of (seed, request
 key, n), not a shared random stream, so the decision does not depend on how threads and
@@ -38,6 +40,7 @@ import socket
 import struct
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
 
@@ -59,6 +62,10 @@ class FaultPlan:
     max_consecutive: int = 2  # bound: attempt max_consecutive+1 of a key always passes
     seed: int = 0
     enabled: bool = False
+    # Object name fragment -> a status ("403", "503") or "reset", the answer to every
+    # request naming it, enabled or not and without bound: a 403 that is there for good,
+    # a 503 that outlasts the client's retries. Counted in `injected` as "always_<kind>".
+    always: dict[str, str] = dataclasses.field(default_factory=dict)
     injected: Counter = dataclasses.field(default_factory=Counter)
     requests: int = 0  # requests seen while enabled
     log: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (method, path)
@@ -87,6 +94,11 @@ class FaultPlan:
         """(failure kind or None, delay in seconds) for this attempt."""
         with self._lock:
             self.log.append((method, path))
+            name = urllib.parse.unquote(path)
+            for fragment, status in self.always.items():
+                if fragment in name:
+                    self.injected[f"always_{status}"] += 1
+                    return status, 0.0
             if not self.enabled:
                 return None, 0.0
             self.requests += 1
@@ -132,7 +144,7 @@ class _FaultyHandler(gcs_emulator._ProxyHandler):
 
     def _forward(self) -> None:
         kind, delay = self.server.plan.decide(self.command, self.path)
-        if kind in ("503", "429"):
+        if kind is not None and kind.isdigit():  # 503, 429 or an `always` status
             self._read_body()
             self._answer_error(int(kind))
         elif kind == "reset":

@@ -10,10 +10,14 @@ google.cloud.storage's predicate) that Beam's GcsIO passes to every call; see RE
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.gcp import gcsio_retry
+from google.api_core import exceptions as google_errors
+from google.cloud.storage import retry as storage_retry
 
 from pipelines import preprocess
 from pipelines.imaging import ImageSpec
@@ -95,3 +99,40 @@ def test_fault_plan_is_deterministic_and_bounded():
         streak = streak + 1 if kind else 0
         longest = max(longest, streak)
     assert 0 < longest <= 2
+
+
+def _decode_one(uri: str, spill_dir) -> list:
+    fn = DecodeSourceFn(ImageSpec(32, 48), str(spill_dir), None)
+    fn.setup()
+    fn.start_bundle()
+    return list(fn.process(SourceFile(uri, ("cat",))))
+
+
+@contextlib.contextmanager
+def _always(plan: FaultPlan, kind: str):
+    plan.always = {"raw/cat/photo1.jpg": kind}
+    try:
+        yield "gs://images/raw/cat/photo1.jpg"
+    finally:
+        plan.always = {}
+
+
+def test_a_forbidden_object_is_a_dead_letter(flaky, tmp_path):
+    _, plan, _ = flaky
+    with _always(plan, "403") as uri:
+        (out,) = _decode_one(uri, tmp_path)
+    assert out.value.reason == "unreadable" and "403" in out.value.detail
+
+
+@pytest.mark.parametrize("kind", ["503", "reset"])
+def test_a_read_that_keeps_failing_fails_the_bundle_instead_of_dropping_the_image(
+        flaky, tmp_path, monkeypatch, kind):
+    """Past the storage client's retries (cut to ~2 s here; 120 s by default) a 503 or a
+    reset connection raises (RetryError), so the runner retries the bundle. A guard: the
+    narrowed dead-letter rule (test_transforms) must keep letting these through."""
+    _, plan, _ = flaky
+    for retry in (storage_retry.DEFAULT_RETRY, gcsio_retry.DEFAULT_RETRY_WITH_THROTTLING_COUNTER):
+        monkeypatch.setattr(retry, "_timeout", 2.0)
+    with _always(plan, kind) as uri, pytest.raises(google_errors.RetryError):
+        _decode_one(uri, tmp_path)
+    assert plan.injected[f"always_{kind}"] >= 2  # the client did retry first
