@@ -5,8 +5,8 @@ Pure functions over bytes and numpy arrays, no I/O. The Beam pipeline calls
 port of the same steps, held to these functions by a parity test.
 
 Steps, in order (each mirrored in the serving graph):
-1. Read the header only and refuse declared sizes over `max_pixels` before any
-   pixel is allocated (decompression bombs).
+1. Read the header only and refuse declared sizes over `max_pixels`, and JPEGs with
+   more than `MAX_JPEG_SCANS` scans, before any pixel is allocated (decompression bombs).
 2. For JPEG, let libjpeg decode at a reduced DCT scale (`draft`) when the target
    is much smaller: the same antialiasing the resize does, 2-4x cheaper.
 3. Apply the EXIF orientation, so pixels are upright as a person sees them.
@@ -53,6 +53,13 @@ Image.MAX_IMAGE_PIXELS = None
 # any file may declare.
 MAX_PIXELS_PER_BYTE = {"PNG": 8 * 1032, "GIF": 4096, "BMP": 256, "WEBP": 65_536}
 ANY_FILE_MAY_DECLARE = 4_000_000
+# libjpeg walks every block of the canvas once per scan, data or not, so a few KB of
+# empty progressive scans (SOS markers) cost seconds on a large canvas. Encoders write
+# 1 (baseline) to ~10 (progressive) scans. Counted as FF DA byte pairs anywhere in the
+# file: entropy-coded data cannot hold the pair, so the count errs only upwards (an EXIF
+# thumbnail's own scans; by chance, one per 64 KiB of binary metadata).
+MAX_JPEG_SCANS = 100
+JPEG_SOS = b"\xff\xda"
 _EXIF_ORIENTATION_TAG = 0x0112
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # orientations that swap width and height
 
@@ -140,6 +147,9 @@ def open_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Imag
         # decoding would cost up to 17 bytes of memory a pixel for a file of a few KB.
         raise DecodeError("too_many_pixels", f"declares {width}x{height} from {len(data)} "
                           f"bytes; {image.format} holds at most {density} pixels a byte")
+    if image.format in ("JPEG", "MPO") and (scans := data.count(JPEG_SOS)) > MAX_JPEG_SCANS:
+        raise DecodeError("too_many_scans", f"{scans} JPEG start-of-scan markers > "
+                          f"{MAX_JPEG_SCANS}")
     return image
 
 

@@ -6,7 +6,10 @@ holds the two together on real encoded files of every format and orientation:
 
 1. Header check: the declared size (JPEG SOF, PNG IHDR, GIF screen, BMP DIB,
    WebP VP8/VP8L/VP8X) must not exceed `max_pixels`, nor the pixels the format can
-   pack into the file's bytes (`imaging.MAX_PIXELS_PER_BYTE`); fails before decoding.
+   pack into the file's bytes (`imaging.MAX_PIXELS_PER_BYTE`), and a JPEG must not
+   hold more than `imaging.MAX_JPEG_SCANS` scans. Fails before decoding: in a graph,
+   ops run in the order their inputs allow, not in program order, so the decoders read
+   the file only through an identity that waits for every check.
 2. JPEG decodes at a reduced DCT scale exactly as PIL's `draft` picks it: the
    largest of 1, 2, 4, 8 that keeps both sides >= the target, sides compared
    after accounting for the EXIF orientation.
@@ -37,6 +40,8 @@ import tensorflow as tf
 from pipelines.imaging import (
     ANY_FILE_MAY_DECLARE,
     DEFAULT_MAX_PIXELS,
+    JPEG_SOS,
+    MAX_JPEG_SCANS,
     MAX_PIXELS_PER_BYTE,
     ResizeMode,
 )
@@ -125,6 +130,17 @@ def declared_size(data: tf.Tensor, fmt: tf.Tensor) -> tf.Tensor:
         return tf.zeros([2], tf.int64)
 
     return tf.switch_case(fmt, [jpeg, png, gif, bmp, webp, unknown])
+
+
+@_plain_graph
+def jpeg_scans(data: tf.Tensor, fmt: tf.Tensor) -> tf.Tensor:
+    """Start-of-scan markers of a JPEG as `imaging.open_header` counts them (FF DA byte
+    pairs anywhere in the file), int64 scalar; 0 for other formats."""
+    return tf.cond(
+        tf.equal(fmt, _JPEG),
+        lambda: tf.size(tf.strings.split(data, sep=JPEG_SOS), out_type=tf.int64) - 1,
+        lambda: tf.constant(0, tf.int64),
+    )
 
 
 def _signed32(b: tf.Tensor) -> tf.Tensor:
@@ -299,20 +315,32 @@ def decode_rgb(
     """Encoded image (string scalar) -> upright uint8 RGB [h, w, 3], like `imaging.decode_rgb`.
 
     `draft_size` (height, width) lets JPEG decode at the reduced DCT scale PIL's
-    draft picks. Raises InvalidArgumentError for unknown formats and bombs.
+    draft picks. Raises InvalidArgumentError for unknown formats and bombs (message: the
+    pipeline's dead-letter reason), from the header, before any decoder runs.
     """
     fmt = image_format(data)
-    tf.debugging.assert_none_equal(fmt, _UNKNOWN, message="not_an_image")
     stored_hw = declared_size(data, fmt)
     declared = stored_hw[0] * stored_hw[1]
-    tf.debugging.assert_less_equal(declared, tf.constant(max_pixels, tf.int64),
-                                   message="too_many_pixels")
     # A header promising more pixels than its bytes can hold (a few-KB bomb).
     density = tf.gather(tf.constant(_PIXELS_PER_BYTE, tf.int64), fmt)
     allowed = tf.maximum(tf.constant(ANY_FILE_MAY_DECLARE, tf.int64),
                          density * tf.cast(tf.strings.length(data), tf.int64))
-    tf.debugging.Assert(tf.equal(density, 0) | (declared <= allowed),
-                        ["too_many_pixels: more pixels than the file's bytes can hold"])
+    guards = [  # in the pipeline's order, so a file failing two gets its reason
+        tf.debugging.assert_none_equal(fmt, _UNKNOWN, message="not_an_image"),
+        tf.debugging.assert_less_equal(declared, tf.constant(max_pixels, tf.int64),
+                                       message="too_many_pixels"),
+        tf.debugging.Assert(tf.equal(density, 0) | (declared <= allowed),
+                            ["too_many_pixels: more pixels than the file's bytes can hold"]),
+        tf.debugging.assert_less_equal(jpeg_scans(data, fmt),
+                                       tf.constant(MAX_JPEG_SCANS, tf.int64),
+                                       message="too_many_scans"),
+    ]
+    # A graph runs an op once its inputs are ready, whatever the program order: an assert
+    # no decoder depends on may fail only after (or while) a huge decode runs. Every
+    # decoder below reads `data` through this identity, which waits for all the guards.
+    # (Eagerly the asserts have already raised and return None.)
+    with tf.control_dependencies(guards):
+        data = tf.identity(data)
     orientation = exif_orientation(data, fmt)
     transposed = orientation >= 5
 

@@ -117,6 +117,21 @@ def _jpeg_app1(payload: bytes) -> bytes:
     return b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
 
 
+def progressive_jpeg(width: int, height: int, scans: int) -> bytes:
+    """A gray progressive JPEG (SOF2) of `scans` DC scans, each holding one byte (the first
+    8 blocks): decoders accept it with a warning, and walk the whole canvas on every scan.
+
+    Handwritten, ~11 bytes a scan: a 5000-scan file is built in microseconds.
+    """
+    dqt = b"\xff\xdb" + struct.pack(">HB", 67, 0) + b"\x01" * 64
+    sof2 = b"\xff\xc2" + struct.pack(">HBHHB", 11, 8, height, width, 1) + b"\x01\x11\x00"
+    # One DC Huffman table with a single 1-bit code (0) for category 0: difference 0.
+    dht = b"\xff\xc4" + struct.pack(">HB", 20, 0x00) + bytes([1] + [0] * 15) + b"\x00"
+    # Component 1, tables 0/0, spectral 0..0 (DC), successive approximation 0/0; data 0x00.
+    sos = b"\xff\xda" + struct.pack(">HBBBBBB", 8, 1, 1, 0x00, 0, 0, 0x00) + b"\x00"
+    return b"\xff\xd8" + dqt + sof2 + dht + sos * scans + b"\xff\xd9"
+
+
 @functools.cache
 def hostile_images() -> dict[str, bytes]:
     """name -> crafted attacks on memory and time; each must become a dead letter or decode
@@ -137,10 +152,17 @@ def hostile_images() -> dict[str, bytes]:
         "gif_65535_screen.gif": set_dims(seed_images()["anim.gif"], 65535, 65535),
         "webp_16383.webp": set_dims(seed_images()["lossless.webp"], 16383, 16383),
         "bmp_huge.bmp": set_dims(seed_images()["plain.bmp"], 0x7FFFFFFF, 0x7FFFFFFF),
+        # libjpeg allocates a progressive JPEG's coefficients for the whole canvas
+        # (7 GB here) even when it decodes at 1/8 scale.
+        "jpeg_progressive_60000x60000.jpg": progressive_jpeg(60000, 60000, scans=10),
+        # Every scan walks every block, data or not: 5000 scans of 2000x2000, 55 KB.
+        "jpeg_progressive_5000_scans.jpg": progressive_jpeg(2000, 2000, scans=5000),
         # Just under the limit: allowed by the header, must fail fast on missing data.
         "png_10000x9999_tiny.png": _png(10000, 9999, 8, 2, zlib.compress(row)),
         "png16_10000x9999_tiny.png": _png(10000, 9999, 16, 6, zlib.compress(b"\x00" * 80)),
         "jpeg_10000x10000_tiny.jpg": set_dims(small_jpeg, 10000, 10000),
+        # Both JPEG limits at once (pixels, scans): the costliest progressive file allowed.
+        "jpeg_progressive_10000x10000_100_scans.jpg": progressive_jpeg(10000, 10000, 100),
         "gif_10000x10000.gif": set_dims(seed_images()["anim.gif"], 10000, 10000),
         "bmp_10000x9999.bmp": set_dims(seed_images()["plain.bmp"], 10000, 9999),
         # A zlib bomb in IDAT: 1 KB that inflates far past what the header declares.

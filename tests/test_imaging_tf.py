@@ -7,7 +7,9 @@ orientation and sizes exact.
 
 import io
 import struct
+from collections import defaultdict
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -15,7 +17,8 @@ from PIL import Image
 
 from pipelines import imaging, imaging_tf
 from pipelines.imaging import ResizeMode
-from tests import corpus
+from tests import corpus, fuzz_images
+from trainer import serving
 
 TARGETS = [((64, 64), ResizeMode.SQUASH), ((40, 56), ResizeMode.CROP), ((56, 40), ResizeMode.PAD)]
 
@@ -153,3 +156,123 @@ def test_declared_size_of_every_format():
         fmt = imaging_tf.image_format(tf.constant(data))
         got = imaging_tf.declared_size(tf.constant(data), fmt).numpy().tolist()
         assert got == [height, width], name
+
+
+# The ops that allocate and fill pixels; ExtractJpegShape and DecodeRaw only read headers.
+DECODE_OPS = {"DecodeJpeg", "DecodeAndCropJpeg", "DecodeImage", "DecodePng", "DecodeGif",
+              "DecodeBmp", "DecodeWebP"}
+GUARD_REASONS = ("not_an_image", "too_many_pixels", "too_many_scans")
+
+
+class CallTree:
+    """A GraphDef's top level and its function library (branches of If/Case, While
+    bodies, called functions) as one tree, to ask what an op waits for before it runs."""
+
+    def __init__(self, graph_def: tf.compat.v1.GraphDef):
+        bodies = {"": graph_def.node} | {f.signature.name: f.node_def
+                                         for f in graph_def.library.function}
+        self.nodes = {fn: {node.name: node for node in body} for fn, body in bodies.items()}
+        self.callers = defaultdict(list)  # function -> [(calling function, node name)]
+        for fn, nodes in self.nodes.items():
+            for node in nodes.values():
+                for callee in _callees(node):
+                    self.callers[callee].append((fn, node.name))
+        self._guards: dict[str, frozenset[str]] = {}
+
+    def ops(self, types: set[str]) -> list[tuple[str, str]]:
+        """(function, node name) of every op of `types`, at any depth."""
+        return [(fn, name) for fn, nodes in self.nodes.items()
+                for name, node in nodes.items() if node.op in types]
+
+    def guards_inside(self, fn: str) -> frozenset[str]:
+        """Messages of the guard Asserts in function `fn` or anything it calls."""
+        if fn not in self._guards:
+            self._guards[fn] = frozenset()  # recursion guard
+            self._guards[fn] = frozenset().union(
+                *(self._guards_of(fn, name) for name in self.nodes.get(fn, {})))
+        return self._guards[fn]
+
+    def _guards_of(self, fn: str, name: str) -> frozenset[str]:
+        node = self.nodes[fn][name]
+        found = set().union(*(self.guards_inside(callee) for callee in _callees(node)))
+        if node.op == "Assert":
+            for source in map(_node_name, node.input):
+                const = self.nodes[fn].get(source)
+                if const is not None and const.op == "Const" and const.attr["dtype"].type == (
+                        tf.string.as_datatype_enum):
+                    found.update(m.decode() for m in const.attr["value"].tensor.string_val
+                                 if m.decode().startswith(GUARD_REASONS))
+        return frozenset(found)
+
+    def guards_before(self, fn: str, name: str) -> frozenset[str]:
+        """Guard messages whose Asserts must have run before op `name` can: those among
+        its data and control ancestors, then (through the function's arguments) those
+        before every op that calls its function."""
+        nodes, seen, todo = self.nodes[fn], set(), [name]
+        while todo:
+            for source in map(_node_name, nodes[todo.pop()].input):
+                if source in nodes and source not in seen:
+                    seen.add(source)
+                    todo.append(source)
+        found = frozenset().union(*(self._guards_of(fn, source) for source in seen))
+        callers = self.callers.get(fn, [])
+        if callers:
+            found |= frozenset.intersection(*(self.guards_before(*c) for c in callers))
+        return found
+
+
+def _callees(node) -> list[str]:
+    return [value.func.name for value in node.attr.values() if value.HasField("func")] + [
+        f.name for value in node.attr.values() if value.HasField("list")
+        for f in value.list.func]
+
+
+def _node_name(graph_input: str) -> str:
+    """'^a', 'a:1' (GraphDef) or 'a:output:0' (FunctionDef) -> 'a'."""
+    return graph_input.lstrip("^").split(":")[0]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The `serving_default` signature of a tiny exported model, loaded back."""
+    inputs = keras.Input((16, 16, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(pooled))
+    path = str(tmp_path_factory.mktemp("served") / "saved_model")
+    serving.export(model, path, ("a", "b"), 16, 16)
+    return tf.saved_model.load(path).signatures[serving.SIGNATURE]
+
+
+def test_served_graph_runs_every_guard_before_any_decoder(served):
+    """In a graph an op runs once its inputs are ready, not in program order: a header
+    check that no decoder depends on can fail after (or while) a 60000x60000 decode
+    allocates gigabytes. Checked on the graph the SavedModel holds, at every depth."""
+    tree = CallTree(served.graph.as_graph_def())
+    guards = tree.guards_inside("")
+    assert {m.split(":")[0] for m in guards} == set(GUARD_REASONS), guards
+    decoders = tree.ops(DECODE_OPS)
+    assert {tree.nodes[fn][name].op for fn, name in decoders} >= {"DecodeJpeg", "DecodeImage"}
+    for fn, name in decoders:
+        assert tree.guards_before(fn, name) == guards, (name, guards - tree.guards_before(
+            fn, name))
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("jpeg_progressive_60000x60000.jpg", "too_many_pixels"),
+    ("jpeg_progressive_5000_scans.jpg", "too_many_scans"),
+])
+def test_crafted_progressive_jpegs_are_refused_by_both_paths(served, name, reason):
+    data = fuzz_images.hostile_images()[name]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=reason):
+        served(image_bytes=tf.constant([data]))
+    with pytest.raises(imaging.DecodeError) as refused:
+        imaging.process_image(data, imaging.ImageSpec(16, 16))
+    assert refused.value.reason == reason
+
+
+def test_scan_count_is_the_pipelines():
+    for name in ["photo.jpg", "photo-progressive.jpg", "o6-be.jpg", "rgb.png", "photo.webp"]:
+        data = FILES[name]
+        fmt = imaging_tf.image_format(tf.constant(data))
+        expected = data.count(imaging.JPEG_SOS) if name.endswith(".jpg") else 0
+        assert int(imaging_tf.jpeg_scans(tf.constant(data), fmt)) == expected, name

@@ -20,12 +20,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipelines.imaging import DecodeError, ImageSpec, ProcessedImage, decode_rgb, process_image
+from pipelines.imaging import (
+    MAX_JPEG_SCANS,
+    DecodeError,
+    ImageSpec,
+    ProcessedImage,
+    decode_rgb,
+    process_image,
+)
 from pipelines.sources import SourceFile
 from pipelines.transforms import ERRORS_TAG, DecodedImage, DecodeSourceFn, ErrorRow
 from tests import fuzz_images
 
-REASONS = {"empty_file", "not_an_image", "bad_header", "too_many_pixels", "corrupt_data"}
+REASONS = {"empty_file", "not_an_image", "bad_header", "too_many_pixels", "too_many_scans",
+           "corrupt_data"}
 # Small targets and a 4 Mpx limit keep each example fast; the benchmark uses the defaults.
 SPEC = ImageSpec(32, 32, max_pixels=4_000_000)
 PER_IMAGE_S = 10.0  # generous: a 4 Mpx decode takes ~0.3 s on a loaded 2-core box
@@ -86,6 +94,8 @@ EXPECTED_HOSTILE = {
     "gif_65535_screen.gif": "too_many_pixels",
     "webp_16383.webp": "too_many_pixels",
     "bmp_huge.bmp": "too_many_pixels",
+    "jpeg_progressive_60000x60000.jpg": "too_many_pixels",
+    "jpeg_progressive_5000_scans.jpg": "too_many_scans",  # a few KB, seconds to decode
     # Under the pixel limit, but more pixels than the bytes could ever encode.
     "png_10000x9999_tiny.png": "too_many_pixels",
     "png16_10000x9999_tiny.png": "too_many_pixels",
@@ -184,3 +194,13 @@ def test_fuzz_benchmark_runs_under_memory_and_time_limits():
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "no crashes, timeouts or memory errors" in result.stdout
+
+
+def test_scan_limit_is_exact_and_spares_real_progressive_jpegs():
+    """Real progressive files hold ~10 scans; the limit counts start-of-scan markers."""
+    limit = MAX_JPEG_SCANS
+    assert decode_or_dead_letter(fuzz_images.progressive_jpeg(64, 64, limit)) == "decoded"
+    assert decode_or_dead_letter(fuzz_images.progressive_jpeg(64, 64, limit + 1)) == (
+        "too_many_scans")
+    real = fuzz_images.seed_images()["big_progressive.jpg"]
+    assert 1 < real.count(b"\xff\xda") <= limit // 5
