@@ -56,6 +56,9 @@ class DecodedImage:
     channel_sums: tuple[float, float, float]  # of the stored (resized) pixels
     channel_squared_sums: tuple[float, float, float]
     reused: bool = False  # stored bytes taken from an earlier run's shard, not decoded
+    # sha256 of the stored (encoded) bytes; for a reused image, what the earlier index
+    # promised, checked when the shard writer copies them.
+    stored_sha256: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +79,7 @@ class UniqueImage:
     split: str
     order: str  # salted hash: the position within the split
     reused: bool = False
+    stored_sha256: str = ""  # as in DecodedImage
 
     @property
     def stored_bytes(self) -> int:
@@ -104,6 +108,9 @@ class ShardInfo:
     num_bytes: int
     class_counts: dict[str, int]
     num_reused: int = 0
+    # Reused images whose bytes in the earlier shard did not match its index (changed,
+    # truncated, gone): decoded again from the source instead. Not in num_reused.
+    num_reuse_mismatch: int = 0
     # One JSON line (a ReuseEntry-shaped row) per record, in file order: where its image
     # bytes sit in this shard. Text, not dicts: one string crosses to the manifest step
     # instead of a pickle of every row (~0.3 s at 16,000 images).
@@ -116,6 +123,7 @@ class ReuseEntry:
 
     sha256: str
     spill: SpillRef  # the encoded image inside that run's shard file
+    stored_sha256: str  # of those bytes, as that run wrote them
     original_height: int
     original_width: int
     source_format: str
@@ -129,6 +137,7 @@ class ReuseEntry:
             sha256=row["sha256"],
             spill=SpillRef(FileSystems.join(root, *row["path"].split("/")), row["offset"],
                            row["length"]),
+            stored_sha256=row["stored_sha256"],
             original_height=row["original_height"],
             original_width=row["original_width"],
             source_format=row["source_format"],
@@ -173,6 +182,7 @@ class DecodeOutcome:
     reused: DecodedImage | None = None
     image: ProcessedImage | None = None
     sha256: str = ""
+    stored_sha256: str = ""  # of image.encoded
     source_bytes: int = 0
 
 
@@ -204,7 +214,10 @@ def decode_source(source: SourceFile, spec: ImageSpec,
         # struct.error, ...): the file is bad, the job is not.
         return DecodeOutcome("errors_decoder_failure", error=ErrorRow(
             source.uri, "decoder_failure", "decode", f"{type(err).__name__}: {err}"[:500]))
-    return DecodeOutcome("images_decoded", image=image, sha256=sha256, source_bytes=len(data))
+    # Hashed here, in the decode threads, for the index a later --reuse_from verifies.
+    return DecodeOutcome("images_decoded", image=image, sha256=sha256,
+                         stored_sha256=hashlib.sha256(image.encoded).hexdigest(),
+                         source_bytes=len(data))
 
 
 class DecodeSourceFn(beam.DoFn):
@@ -277,6 +290,7 @@ class DecodeSourceFn(beam.DoFn):
                 source_format=image.source_format,
                 channel_sums=image.channel_sums,
                 channel_squared_sums=image.channel_squared_sums,
+                stored_sha256=outcome.stored_sha256,
             )
 
     def teardown(self) -> None:
@@ -306,6 +320,7 @@ def _reused_image(source: SourceFile, entry: ReuseEntry, source_bytes: int) -> D
         channel_sums=entry.channel_sums,
         channel_squared_sums=entry.channel_squared_sums,
         reused=True,
+        stored_sha256=entry.stored_sha256,
     )
 
 
@@ -336,6 +351,7 @@ def merge_duplicates(
         split=splits.assign_split(sha256, config.splits, config.split_salt),
         order=splits.order_key(sha256, config.split_salt),
         reused=keep.reused,
+        stored_sha256=keep.stored_sha256,
     )
 
 
@@ -415,13 +431,20 @@ class WriteShardFn(beam.DoFn):
         # abandoned attempt never leaves a stray file beside the shards in data/.
         temporary = FileSystems.join(self._output, "_tmp", "shards",
                                      f"{name}.{uuid.uuid4().hex}")
-        blobs = read_spilled(image.spill for image in images)
+        blobs = read_spilled(image.spill for image in images if not image.reused)
+        earlier = _read_earlier(image.spill for image in images if image.reused)
         class_counts: Counter[str] = Counter()
-        num_bytes = 0
+        num_bytes = mismatches = 0
         index_lines = []
         with FileSystems.create(temporary) as handle:
             for image in images:
-                encoded = blobs[image.spill]
+                if not image.reused:
+                    encoded = blobs[image.spill]
+                elif _intact(earlier.get(image.spill), image):
+                    encoded = earlier[image.spill]
+                else:
+                    image, encoded = self._decode_again(image)
+                    mismatches += 1
                 record, image_offset = self._example(image, encoded)
                 _TFRecordUtil.write_record(handle, record)
                 index_lines.append(_index_line(image, relative, num_bytes + _RECORD_HEADER_BYTES
@@ -431,10 +454,33 @@ class WriteShardFn(beam.DoFn):
         _make_folder(FileSystems.join(self._output, "data"))
         FileSystems.rename([temporary], [final_path])
         _count("records_written", len(images))
+        _count("reuse_mismatches", mismatches)
         yield ShardInfo(split, index, relative, len(images), num_bytes,
                         dict(sorted(class_counts.items())),
-                        num_reused=sum(image.reused for image in images),
+                        num_reused=sum(image.reused for image in images) - mismatches,
+                        num_reuse_mismatch=mismatches,
                         index_lines="".join(index_lines))
+
+    def _decode_again(self, image: UniqueImage) -> tuple[UniqueImage, bytes]:
+        """A reused image whose earlier bytes did not verify, made from its source as a
+        run without --reuse_from would have. The decode step read that source and found
+        the hash the record carries; a read or decode failure now (it changed or went
+        away since) fails the bundle: its record cannot be written, nor dropped this late.
+        """
+        uri = image.uris[0]  # the copy merge_duplicates kept
+        data = _read_bytes(uri)
+        if hashlib.sha256(data).hexdigest() != image.sha256:
+            raise RuntimeError(f"{uri} changed while the job ran; rerun the job")
+        try:
+            processed = process_image(data, self._spec)
+        except Exception as err:
+            raise RuntimeError(f"{uri}: the --reuse_from output stored it, but it no "
+                               f"longer decodes here: {err}") from err
+        image = dataclasses.replace(
+            image, reused=False, stored_sha256=hashlib.sha256(processed.encoded).hexdigest(),
+            original_height=processed.original_height,
+            original_width=processed.original_width, source_format=processed.source_format)
+        return image, processed.encoded
 
     def _example(self, image: UniqueImage, encoded: bytes) -> tuple[bytes, int]:
         return records.make_example_locating_image(
@@ -449,6 +495,31 @@ class WriteShardFn(beam.DoFn):
             original_height=image.original_height,
             original_width=image.original_width,
         )
+
+
+def _read_earlier(refs: Iterable[SpillRef]) -> dict[SpillRef, bytes]:
+    """Reused images' bytes from the earlier output's shards, read like spill files. A
+    shard that is gone, unreadable for good or shorter than the index says leaves its
+    refs out or short (to be decoded again); other errors raise, as reads do."""
+    by_path: dict[str, list[SpillRef]] = {}
+    for ref in refs:
+        by_path.setdefault(ref.path, []).append(ref)
+    blobs = {}
+    for path_refs in by_path.values():
+        try:
+            blobs.update(read_spilled(path_refs))
+        except (OSError, google_errors.GoogleAPICallError) as err:
+            # 416: a range past the end of a truncated object.
+            if not (is_permanent_read_error(err)
+                    or isinstance(err, google_errors.RequestRangeNotSatisfiable)):
+                raise
+    return blobs
+
+
+def _intact(encoded: bytes | None, image: UniqueImage) -> bool:
+    """Whether bytes read back from an earlier shard are the ones its index describes."""
+    return (encoded is not None and len(encoded) == image.spill.length
+            and hashlib.sha256(encoded).hexdigest() == image.stored_sha256)
 
 
 def _make_folder(path: str) -> None:
@@ -470,12 +541,23 @@ def _index_line(image: UniqueImage, shard_path: str, offset: int, length: int) -
         "path": shard_path,
         "offset": offset,
         "length": length,
+        "stored_sha256": image.stored_sha256,  # of the `length` bytes at `offset`
         "original_height": image.original_height,
         "original_width": image.original_width,
         "source_format": image.source_format,
         "channel_sums": list(image.channel_sums),
         "channel_squared_sums": list(image.channel_squared_sums),
     }, sort_keys=True) + "\n"
+
+
+def _reuse_entry(row: dict, root: str) -> Iterator[tuple[str, ReuseEntry]]:
+    """(sha256, entry) for an index row that can be verified. Rows written before the
+    index held `stored_sha256` cannot: their images are decoded again (once: the new
+    output's index has the hashes), as a length alone would not notice a changed byte."""
+    if "stored_sha256" not in row:
+        _count("reuse_index_rows_unverifiable")
+        return
+    yield row["sha256"], ReuseEntry.from_index_row(row, root)
 
 
 class ReadReuseIndex(beam.PTransform):
@@ -493,8 +575,7 @@ class ReadReuseIndex(beam.PTransform):
             pipeline
             | "ReadIndex" >> beam.io.ReadFromText(index)
             | "ParseIndex" >> beam.Map(json.loads)
-            | "ToEntries" >> beam.Map(lambda row: (row["sha256"],
-                                                   ReuseEntry.from_index_row(row, root)))
+            | "ToEntries" >> beam.FlatMap(_reuse_entry, root)
         )
 
 

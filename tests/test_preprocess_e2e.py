@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipelines import preprocess, records
-from pipelines.manifest import read_manifest
+from pipelines import ownership, preprocess, records
+from pipelines.manifest import OUTPUT_ENTRIES, read_manifest
 from tests import corpus
 
-ARGS = ["--image_size", "32,48", "--num_shards", "3", "--no_progress"]
+ARGS = ["--image_size", "32,48", "--num_shards", "3", "--no_progress", *corpus.ERROR_BUDGET_ARGS]
 
 
 def run_ok(*args: str) -> None:
@@ -118,7 +118,9 @@ def test_killed_run_leftovers_are_cleaned_and_never_look_complete(corpus_dir, tm
     out = tmp_path / "out"
     (out / "data").mkdir(parents=True)
     (out / "data" / "train-00000-of-00009.tfrecord").write_bytes(b"half")
-    (out / "_IN_PROGRESS").write_text("")
+    # The claim a killed run left (nobody holds its lock any more).
+    (out / "_IN_PROGRESS").write_bytes(ownership.ClaimRecord(
+        run_id="killed", entries=OUTPUT_ENTRIES, created_at=0.0).to_bytes())
     with pytest.raises(FileNotFoundError):
         read_manifest(str(out))
     run_ok("--input", str(corpus_dir[0]), "--output", str(out), *ARGS, "--splits",
@@ -200,3 +202,63 @@ def _without_uris(path) -> list[bytes]:
         del example.features.feature[records.SOURCE_ID]
         rows.append(example.SerializeToString(deterministic=True))
     return rows
+
+
+@pytest.fixture(scope="module")
+def clean_runs(tmp_path_factory):
+    """Good images only, an earlier output of them and a from-scratch output of them."""
+    root = tmp_path_factory.mktemp("reuse")
+    raw = root / "raw"
+    for index in range(9):
+        folder = raw / ("cat" if index % 2 else "dog")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"p{index}.jpg").write_bytes(
+            corpus.encode(corpus.noise(40, 50, 300 + index), "JPEG", quality=90))
+    run_ok("--input", str(raw), "--output", str(root / "earlier"), *ARGS)
+    run_ok("--input", str(raw), "--output", str(root / "scratch"), *ARGS)
+    return raw, root / "earlier", root / "scratch"
+
+
+def _corrupt(earlier, how: str) -> int:
+    """Damages the earlier output; returns how many of its images no longer verify."""
+    index = earlier / "index" / "images.jsonl"
+    rows = [json.loads(line) for line in index.read_text().splitlines()]
+    first = rows[0]
+    shard = earlier / first["path"]
+    data = bytearray(shard.read_bytes())
+    if how == "changed_byte":
+        data[first["offset"] + first["length"] // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+        return 1
+    if how == "truncated_shard":
+        shard.write_bytes(bytes(data[: first["offset"] + first["length"] - 1]))
+        return sum(row["path"] == first["path"] for row in rows)
+    if how == "deleted_shard":
+        shard.unlink()
+        return sum(row["path"] == first["path"] for row in rows)
+    assert how == "index_without_hashes"  # written before the index held them
+    for row in rows:
+        del row["stored_sha256"]
+    index.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+    return len(rows)
+
+
+@pytest.mark.parametrize("how", ["changed_byte", "truncated_shard", "deleted_shard",
+                                 "index_without_hashes"])
+def test_reuse_verifies_earlier_bytes_and_decodes_what_does_not_match(clean_runs, tmp_path, how):
+    """--reuse_from copies only bytes whose sha256 and length match the earlier index;
+    the rest are decoded again: the output equals a from-scratch run's, byte for byte."""
+    raw, pristine, scratch = clean_runs
+    earlier = tmp_path / "earlier"
+    shutil.copytree(pristine, earlier)
+    unverified = _corrupt(earlier, how)
+    out = tmp_path / "out"
+    run_ok("--input", str(raw), "--output", str(out), *ARGS, "--reuse_from", str(earlier))
+    manifest, expected = read_manifest(str(out)), read_manifest(str(scratch))
+    written = manifest["accounting"]["images_written"]
+    assert 0 < unverified <= written
+    assert manifest["accounting"]["reused"] == written - unverified
+    assert manifest["splits"] == expected["splits"]
+    for relative in [s["path"] for e in expected["splits"].values() for s in e["shards"]] + [
+            "index/images.jsonl"]:
+        assert (out / relative).read_bytes() == (scratch / relative).read_bytes(), relative

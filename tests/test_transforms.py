@@ -2,6 +2,7 @@
 
 import dataclasses
 import errno
+import json
 
 import apache_beam as beam
 import pytest
@@ -203,3 +204,36 @@ def _raiser(error):
     def read(uri):
         raise error
     return read
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_reused_bytes_are_verified_and_decoded_again_when_they_do_not_match(tmp_path, damaged):
+    import hashlib
+
+    from pipelines.spill import SpillRef
+    from pipelines.transforms import UniqueImage, WriteShardFn
+
+    spec = ImageSpec(16, 16)
+    source = tmp_path / "cat" / "a.jpg"
+    source.parent.mkdir()
+    source.write_bytes(corpus.every_encoding()["baseline.jpg"])
+    fresh = transforms.decode_source(SourceFile(str(source), ("cat",)), spec)
+    assert fresh.stored_sha256 == hashlib.sha256(fresh.image.encoded).hexdigest()
+    stored = bytearray(fresh.image.encoded)
+    stored[len(stored) // 2] ^= 0xFF if damaged else 0
+    earlier = tmp_path / "earlier.tfrecord"
+    earlier.write_bytes(b"header" + bytes(stored) + b"trailer")
+    image = UniqueImage(
+        fresh.sha256, (str(source),), ("cat",), False,
+        SpillRef(str(earlier), len(b"header"), len(stored)), fresh.source_bytes,
+        fresh.image.original_height, fresh.image.original_width, fresh.image.source_format,
+        fresh.image.channel_sums, fresh.image.channel_squared_sums, "train", "0",
+        reused=True, stored_sha256=fresh.stored_sha256)
+    fn = WriteShardFn(str(tmp_path / "out"), spec, ["cat"])
+    fn.setup()
+    (info,) = fn.process((("train", 0, 1), [image]))
+    assert (info.num_reused, info.num_reuse_mismatch) == ((0, 1) if damaged else (1, 0))
+    (row,) = [json.loads(line) for line in info.index_lines.splitlines()]
+    written = (tmp_path / "out" / info.path).read_bytes()
+    assert written[row["offset"]:row["offset"] + row["length"]] == fresh.image.encoded
+    assert row["stored_sha256"] == fresh.stored_sha256
