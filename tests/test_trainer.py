@@ -3,6 +3,7 @@ file bytes like the stored images, resumes after a kill, stops cleanly on SIGTER
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,9 +17,9 @@ import pytest
 import tensorflow as tf
 
 from pipelines import records
+from trainer import checkpoints, train
 from trainer import config as config_lib
 from trainer import input as input_lib
-from trainer import train
 from trainer.model import make_model
 
 
@@ -144,3 +145,70 @@ def test_resumes_after_a_kill_with_the_same_command(photo_prep, tmp_path):
     assert metrics["resumed_from_epoch"] == 1 and metrics["epochs"] == 3
     assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3]
     assert (tmp_path / "saved_model" / "saved_model.pb").exists()
+
+
+def _train_linear(data: Path, model_dir: Path, *flags: str) -> dict:
+    config = config_lib.parse_args(
+        ["--data", str(data), "--model_dir", str(model_dir), "--batch_size", "16",
+         "--model", "linear", "--progress", "off", *flags], {})
+    return train.run(config)
+
+
+def _manifest(root: Path) -> dict:
+    return json.loads((root / "manifest.json").read_text())
+
+
+def test_the_data_record_ignores_timings_and_place_but_not_one_image(photo_prep, tmp_path):
+    ours = checkpoints.TrainedOn.of(str(photo_prep.output), _manifest(photo_prep.output),
+                                    "linear")
+    copy = tmp_path / "copy"
+    shutil.copytree(photo_prep.output, copy)
+    # What an identical rerun changes in the manifest: its timings (and where it lies).
+    rerun = {**_manifest(copy), "timings": {"started_at": "another day"}}
+    assert checkpoints.TrainedOn.of(str(copy), rerun, "linear") == ours
+    assert checkpoints.TrainedOn.of(str(copy), rerun, "linear").fingerprint == (
+        ours.fingerprint)
+    assert ours.differences(checkpoints.TrainedOn.of(str(copy), rerun, "small_cnn")) == [
+        "model small_cnn -> linear"]
+    # One image stored in place of another, same size: only the image index tells.
+    index = copy / "index" / "images.jsonl"
+    first, *rest = index.read_text().splitlines(keepends=True)
+    row = json.loads(first)
+    row["sha256"] = "0" * 64
+    index.write_text(json.dumps(row, sort_keys=True) + "\n" + "".join(rest))
+    other = checkpoints.TrainedOn.of(str(copy), rerun, "linear")
+    assert other != ours and other.differences(ours) == ["images"]
+
+
+def test_checkpoints_of_other_data_are_set_aside_and_training_starts_fresh(
+        photo_prep, tmp_path, caplog):
+    model_dir, saved = tmp_path / "model", tmp_path / "model" / "checkpoints"
+    first = _train_linear(photo_prep.output, model_dir, "--epochs", "1")
+    assert json.loads((saved / "data.json").read_text())["fingerprint"] == (
+        first["data_fingerprint"])
+    # Other data: the same output less one train shard (what --overwrite on fewer images
+    # writes in place of the old output).
+    other = tmp_path / "other"
+    shutil.copytree(photo_prep.output, other)
+    manifest = _manifest(other)
+    dropped = manifest["splits"]["train"]["shards"].pop()
+    manifest["splits"]["train"]["num_examples"] -= dropped["num_examples"]
+    (other / "manifest.json").write_text(json.dumps(manifest))
+
+    # --warm_start naming this run's own checkpoints reads them where they were moved.
+    metrics = _train_linear(other, model_dir, "--epochs", "2", "--warm_start", str(saved))
+    assert (f"checkpoints in {saved} were made on other data or another model "
+            f"(differs: splits); starting fresh; they are now in {saved}/previous"
+            ) in caplog.text
+    assert metrics["resumed_from_epoch"] == 0 and metrics["epochs"] == 2
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2]
+    assert metrics["warm_started_from"] == f"{saved}/previous/ckpt-1"
+    assert metrics["data_fingerprint"] != first["data_fingerprint"]
+    assert json.loads((saved / "previous" / "data.json").read_text())["fingerprint"] == (
+        first["data_fingerprint"])
+    assert sorted(p.name for p in (saved / "previous").iterdir()) == [
+        "checkpoint", "ckpt-1.data-00000-of-00001", "ckpt-1.index", "data.json"]
+
+    caplog.clear()  # the same data again: resumed (all epochs done: evaluate and export)
+    again = _train_linear(other, model_dir, "--epochs", "2")
+    assert again["resumed_from_epoch"] == 2 and "other data" not in caplog.text

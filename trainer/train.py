@@ -5,9 +5,11 @@ and the per-epoch history are saved together in one `tf.train.Checkpoint`
 (the `checkpoint` index file is replaced atomically, so a kill at any moment leaves
 the previous epoch's checkpoint intact). A rerun of the same command restores the
 latest one and trains the remaining epochs on the same per-epoch data order;
-metrics.json records `resumed_from_epoch`. SIGTERM (what Vertex AI and Kubernetes
-send before a preemption) stops training at the next batch boundary, without
-writing the unfinished epoch, and the process exits with status 143.
+metrics.json records `resumed_from_epoch`. Checkpoints made on other data or with another
+model are set aside instead, and training starts fresh (`trainer/checkpoints.py`).
+SIGTERM (what Vertex AI and Kubernetes send before a preemption) stops training at the
+next batch boundary, without writing the unfinished epoch, and the process exits with
+status 143.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 from pipelines.manifest import read_manifest
-from trainer import distribute, serving
+from trainer import checkpoints, distribute, serving
 from trainer import input as input_lib
 from trainer.config import TrainConfig
 from trainer.model import make_model
@@ -40,9 +42,12 @@ class Preempted(Exception):
     """SIGTERM arrived; the last completed epoch is checkpointed."""
 
 
-def load_data(config: TrainConfig) -> input_lib.DataSpec:
-    """The preprocess output's manifest (local or gs://) as a DataSpec."""
-    return input_lib.DataSpec.from_manifest(config.data, read_manifest(config.data))
+def load_data(config: TrainConfig) -> tuple[input_lib.DataSpec, checkpoints.TrainedOn]:
+    """The preprocess output's manifest (local or gs://) as a DataSpec, and the record of
+    training `config.model` on it that checkpoints must match to be resumed."""
+    manifest = read_manifest(config.data)
+    return (input_lib.DataSpec.from_manifest(config.data, manifest),
+            checkpoints.TrainedOn.of(config.data, manifest, config.model))
 
 
 def load_normalization(spec: input_lib.DataSpec) -> dict:
@@ -59,49 +64,13 @@ def load_normalization(spec: input_lib.DataSpec) -> dict:
             "std": pixels.std(axis=0).astype(np.float32), "source": "train sample"}
 
 
-class TrainingState:
-    """Model, optimizer, completed epochs and history in one checkpoint."""
-
-    def __init__(self, model: keras.Model, directory: str, runtime: distribute.Runtime):
-        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.history = tf.Variable("[]", dtype=tf.string, trainable=False)
-        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer,
-                                              epoch=self.epoch, history=self.history)
-        self.directory = directory
-        # Every worker saves (variables may need collectives); only the chief's copy stays.
-        self._write_dir = directory if runtime.is_chief else (
-            f"{directory}/workertemp_{runtime.worker_index}")
-        self._manager = tf.train.CheckpointManager(self.checkpoint, self._write_dir,
-                                                   max_to_keep=2)
-        self._is_chief = runtime.is_chief
-
-    def restore(self) -> tuple[int, list[dict]]:
-        """(completed epochs, their history) from the latest checkpoint, or (0, [])."""
-        latest = tf.train.latest_checkpoint(self.directory)
-        if latest is None:
-            return 0, []
-        try:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
-        except (AssertionError, ValueError, tf.errors.OpError) as err:
-            raise RuntimeError(f"{latest} does not fit this model ({err}); "
-                               "use a fresh --model_dir or the same flags as before") from err
-        return int(self.epoch.numpy()), json.loads(self.history.numpy().decode())
-
-    def save(self, epochs_done: int, history: list[dict]) -> None:
-        self.epoch.assign(epochs_done)
-        self.history.assign(json.dumps(history))
-        self._manager.save(checkpoint_number=epochs_done)
-        if not self._is_chief:
-            tf.io.gfile.rmtree(self._write_dir)
-
-
 class EpochRecorder(keras.callbacks.Callback):
     """Per completed epoch: throughput, peak memory, history row, checkpoint.
 
     Raises Preempted at the first batch boundary after `stop` is set.
     """
 
-    def __init__(self, state: TrainingState, history: list[dict], steps: int,
+    def __init__(self, state: checkpoints.TrainingState, history: list[dict], steps: int,
                  global_batch: int, stop: threading.Event):
         super().__init__()
         self._state, self._history, self._steps = state, history, steps
@@ -180,7 +149,7 @@ def stop_on_sigterm():
 def run(config: TrainConfig) -> dict:
     """Trains, evaluates and exports as `config` says; returns the metrics it wrote."""
     runtime = distribute.setup(config.mixed_precision, config.jit)
-    spec = load_data(config)
+    spec, trained_on = load_data(config)
     norm = load_normalization(spec)
     keras.utils.set_random_seed(config.seed)
     steps = input_lib.steps_per_epoch(spec.num_examples("train"), config.batch_size)
@@ -192,9 +161,9 @@ def run(config: TrainConfig) -> dict:
                       jit_compile=runtime.jit,
                       steps_per_execution=min(config.steps_per_execution, steps))
         model.optimizer.build(model.trainable_variables)  # slots exist before a restore
-    state = TrainingState(model, config.checkpoint_dir, runtime)
+    state = checkpoints.TrainingState(model, config.checkpoint_dir, runtime, trained_on)
     resumed_from, history = state.restore()
-    warm_started = warm_start(model, config.warm_start) if (
+    warm_started = warm_start(model, _warm_start_source(config)) if (
         config.warm_start and not resumed_from) else None
     if resumed_from:
         log.warning("resuming after epoch %d of %d from %s", resumed_from, config.epochs,
@@ -242,6 +211,7 @@ def run(config: TrainConfig) -> dict:
                           "mean": [round(float(v), 3) for v in norm["mean"]],
                           "std": [round(float(v), 3) for v in norm["std"]]},
         "data": config.data,
+        "data_fingerprint": trained_on.fingerprint,
         "saved_model": config.saved_model_dir,
         "history": history,
     }
@@ -261,6 +231,15 @@ def warm_start(model: keras.Model, directory: str) -> str:
     status.assert_existing_objects_matched().expect_partial()  # raises on another model
     log.warning("warm start from %s", latest)
     return latest
+
+
+def _warm_start_source(config: TrainConfig) -> str:
+    """--warm_start, or where restore() moved this run's own checkpoints when it names
+    them (a new model on new data started from the old one's weights)."""
+    own = config.checkpoint_dir.rstrip("/")
+    if config.warm_start != own or tf.train.latest_checkpoint(own) is not None:
+        return config.warm_start
+    return f"{own}/{checkpoints.PREVIOUS}"
 
 
 def _rounded(values: dict) -> dict:
