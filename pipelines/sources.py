@@ -1,8 +1,11 @@
 """Finding the input files and their labels: class-per-folder layout or a uri,label CSV.
 
-Listing runs once in the launcher, through Beam's FileSystems (local paths and
+Listing runs once in the launcher (os.walk for local paths; Beam's FileSystems for
 gs://, which honours STORAGE_EMULATOR_HOST), so a missing or empty input fails
 before any worker starts and the progress bar knows its total.
+
+Paths are literal: `[`, `*` and `?` in a folder or file name are characters, never
+patterns (`literal_pattern` escapes them wherever Beam would match).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import posixpath
 import re
 import unicodedata
+import warnings
 from collections import defaultdict
 
 from apache_beam.io.filesystem import BeamIOError
@@ -239,13 +243,44 @@ def _finish(where: str, sources: list, skipped: list, hidden: int) -> Listing:
 
 
 def _match_all(root: str) -> list[str]:
+    """Every file under `root`, sorted; `root` is taken literally."""
+    if "://" not in root:
+        return _walk(root)
     try:
-        results = FileSystems.match([root + "/**"])
+        # Beam lists by the text before the first escaped character, then keeps what the
+        # pattern matches: only the root's own files. (Python warns that the regex of an
+        # escaped `[`, `[[]`, may one day mean a nested set; Beam 2.77 compiles it so.)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Possible nested set", FutureWarning)
+            results = FileSystems.match([literal_pattern(root) + "/**"])
     except BeamIOError as err:
         raise InputError(f"cannot list {root}: {_first_cause(err)}") from err
     except Exception as err:  # noqa: BLE001 - storage clients raise many kinds; all mean "cannot list"
         raise InputError(f"cannot list {root}: {err}") from err
     return sorted(m.path for m in results[0].metadata_list)
+
+
+def _walk(root: str) -> list[str]:
+    """Local files under `root` (links to files included, links to folders not
+    followed). Not FileSystems.match: Beam would list from the parent of the first
+    glob character, the whole tree above a root like `photos [2024]`; and it drops
+    entries it cannot stat (a dangling link), which here become dead letters instead."""
+
+    def fail(err: OSError) -> None:
+        if err.filename != root:  # a missing root is an empty listing: "no files found"
+            raise InputError(f"cannot list {err.filename}: {err.strerror}") from err
+
+    return sorted(os.path.join(folder, name)
+                  for folder, _, names in os.walk(root, onerror=fail) for name in names)
+
+
+_GLOB_CHARACTERS = re.compile(r"([\[*?])")
+
+
+def literal_pattern(path: str) -> str:
+    """`path` as a FileSystems.match pattern that matches only itself: `[`, `*` and `?`
+    in brackets (Beam's patterns, fnmatch-like, have no other escape)."""
+    return _GLOB_CHARACTERS.sub(r"[\1]", path)
 
 
 def _read_text(uri: str) -> str:

@@ -34,7 +34,7 @@ from pipelines import records, splits
 from pipelines.imaging import DecodeError, ImageSpec, ProcessedImage, process_image
 from pipelines.options import PreprocessConfig
 from pipelines.progress import WorkerCounter
-from pipelines.sources import SourceFile
+from pipelines.sources import SourceFile, literal_pattern
 from pipelines.spill import SpillRef, SpillWriter, read_spilled
 
 NAMESPACE = "preprocess"
@@ -573,7 +573,8 @@ class ReadReuseIndex(beam.PTransform):
         index = FileSystems.join(root, *self._index_path.split("/"))
         return (
             pipeline
-            | "ReadIndex" >> beam.io.ReadFromText(index)
+            # ReadFromText takes a pattern: `[` in --reuse_from must not match `1`.
+            | "ReadIndex" >> beam.io.ReadFromText(literal_pattern(index))
             | "ParseIndex" >> beam.Map(json.loads)
             | "ToEntries" >> beam.FlatMap(_reuse_entry, root)
         )
