@@ -114,8 +114,9 @@ def prepare(
     if gcp.template_location and not environ.get(FLEX_LAUNCH_ENV):
         print("[preprocess] classic template: the input listing, the label vocabulary and "
               "--output are fixed now, at build time, and --output is claimed now; every run "
-              "of the template redoes this exact job. Use the Flex Template (deploy/) for "
-              "parameters chosen at launch.", file=sys.stderr)
+              "of the template checks that claim first and refuses to run if an earlier run "
+              "used it. Use the Flex Template (deploy/) for parameters chosen at launch.",
+              file=sys.stderr)
     return options
 
 
@@ -204,8 +205,35 @@ def _show_job_messages() -> None:
     logger.propagate = False
 
 
+def is_classic_template(options: PipelineOptions,
+                        environ: Mapping[str, str] | None = None) -> bool:
+    """A classic template build: the job runs later (maybe many times), not here."""
+    environ = os.environ if environ is None else environ
+    return bool(options.view_as(GoogleCloudOptions).template_location
+                and not environ.get(FLEX_LAUNCH_ENV))
+
+
+def waits_for_job(options: PipelineOptions, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this process follows the job to its end (`follow`): not for a classic
+    template build or a Flex launch, which hand the job over and exit."""
+    environ = os.environ if environ is None else environ
+    return not (is_classic_template(options, environ) or environ.get(FLEX_LAUNCH_ENV))
+
+
+_SCRATCH_DIRS: list[str] = []
+
+
 def _scratch_dir() -> str:
-    # Lives until the process ends: Beam stages the wheel inside pipeline.run().
+    # Lives until pipeline.run() has staged the wheel; removed by remove_scratch_dirs(),
+    # and at exit for callers that never call it.
     path = tempfile.mkdtemp(prefix="imagebeam-wheel-")
+    _SCRATCH_DIRS.append(path)
     atexit.register(shutil.rmtree, path, True)
     return path
+
+
+def remove_scratch_dirs() -> None:
+    """Removes the staged wheel's folders now: preprocess ends with os._exit, which runs
+    no atexit handler."""
+    while _SCRATCH_DIRS:
+        shutil.rmtree(_SCRATCH_DIRS.pop(), ignore_errors=True)

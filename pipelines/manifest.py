@@ -1,9 +1,10 @@
 """The output folder's life: claimed at start, `manifest.json` written last.
 
-An output is complete if and only if it has a `manifest.json`. A run deletes
-an earlier manifest before touching anything else, and writes its own only
-after every shard and side file is in place, so a killed run never leaves a
-folder that looks complete.
+An output is complete if and only if it has a `manifest.json`. A run first claims the
+folder (`pipelines.ownership`: refused unless it is empty or provably ours), deletes an
+earlier manifest before anything else, and writes its own only after every shard and
+side file is in place and only while its claim still names it, so a killed or
+overtaken run never leaves a folder that looks complete.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ from collections.abc import Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.options import PreprocessConfig, UsageError
+from pipelines import ownership
+from pipelines.options import PreprocessConfig
 from pipelines.sources import ListingCounts
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-IN_PROGRESS = "_IN_PROGRESS"  # our claim on a folder; lets a rerun clean a killed run
-OWNED_ENTRIES = ("data", "errors", "index", "stats", "transform_output", "_tmp", IN_PROGRESS,
-                 "manifest.json.tmp")
+MANIFEST = ownership.MANIFEST
+IN_PROGRESS = ownership.CLAIM  # our claim on the folder, written first, removed last
+# The top-level entries a run writes: its claim lists them, and so does its manifest.
+OUTPUT_ENTRIES = ("data", "errors", "index", "stats", "transform_output", "_tmp",
+                  "manifest.json.tmp")
 ERRORS_PATH = "errors/errors.jsonl"
 INDEX_PATH = "index/images.jsonl"  # where each image's bytes sit in the shards (for reuse)
 
@@ -30,46 +33,26 @@ def join(root: str, relative: str) -> str:
     return FileSystems.join(root, *relative.split("/"))
 
 
-def prepare_output(config: PreprocessConfig) -> None:
-    """Claims `config.output`, or raises UsageError saying why it cannot."""
-    root = config.output
-    entries = _entries(root)
-    if MANIFEST in entries and not config.overwrite:
-        raise UsageError(f"{root} already holds a complete output; pass --overwrite to replace it")
-    foreign = sorted(entries - set(OWNED_ENTRIES) - {MANIFEST})
-    if foreign and IN_PROGRESS not in entries and MANIFEST not in entries:
-        raise UsageError(f"{root} is not empty and not an earlier output of this tool "
-                         f"({', '.join(foreign[:3])}...); choose an empty folder")
-    if MANIFEST in entries:
-        remove_tree(join(root, MANIFEST))  # first: the old output stops being complete
-    for name in OWNED_ENTRIES:
-        if name in entries:
-            remove_tree(join(root, name))
-    _write_text(join(root, IN_PROGRESS), "preprocessing in progress; manifest.json comes last\n")
+def input_paths(config: PreprocessConfig) -> dict[str, str | None]:
+    """{flag: path} of everything the run reads, which the output may not overlap."""
+    csv_folder = config.labels_csv.rsplit("/", 1)[0] if config.labels_csv else None
+    if csv_folder == config.labels_csv:  # a bare file name: the current folder
+        csv_folder = "."
+    return {"--input": config.input, "--labels (its folder)": csv_folder,
+            "--reuse_from": config.reuse_from, "--baseline_stats": config.baseline_stats}
 
 
-def _entries(root: str) -> set[str]:
-    """Top-level names under `root` (files and folders); empty if it does not exist."""
-    try:  # a missing local folder or bucket prefix matches nothing, without an error
-        matches = FileSystems.match([root.rstrip("/") + "/**"])[0].metadata_list
-    except Exception as err:  # noqa: BLE001 - storage clients raise many kinds
-        # Not "empty": guessing so on flaky storage would skip the overwrite check.
-        raise UsageError(f"cannot list the output {root}: {err}") from err
-    prefix = root.rstrip("/") + "/"
-    return {m.path[len(prefix):].split("/", 1)[0] for m in matches if m.path.startswith(prefix)}
+def prepare_output(config: PreprocessConfig,
+                   lease_s: float = ownership.LEASE_S) -> ownership.OutputClaim:
+    """Claims `config.output` for run `config.run_id` and removes what an earlier run of
+    ours left there; raises OutputRefused (a UsageError), having touched nothing, when the
+    output overlaps an input, is not provably ours, or a live run holds it."""
+    ownership.refuse_overlaps(config.output, input_paths(config))
+    return ownership.claim_output(config.output, OUTPUT_ENTRIES, config.overwrite,
+                                  FORMAT_VERSION, run_id=config.run_id, lease_s=lease_s)
 
 
-def remove_tree(path: str) -> None:
-    """Deletes a file or everything under a folder/prefix, local or gs://."""
-    if "://" not in path:
-        if FileSystems.exists(path):
-            FileSystems.delete([path])  # files, or folders recursively
-        return
-    found = [m.path for m in FileSystems.match([path + "/**"])[0].metadata_list]
-    if FileSystems.exists(path):
-        found.append(path)
-    if found:
-        FileSystems.delete(found)
+remove_tree = ownership.remove_tree
 
 
 def _write_text(path: str, text: str) -> None:
@@ -137,15 +120,50 @@ def build_manifest(
         "skipped": [{"uri": s.uri, "reason": s.reason} for s in listing.skipped],
         "errors_path": ERRORS_PATH,
         "index_path": INDEX_PATH,
+        "entries": list(OUTPUT_ENTRIES),
     }
     manifest.update(extra or {})
     return manifest
 
 
+class TooManyErrors(RuntimeError):
+    """The run's dead letters are over --max_error_rate, or it wrote no image."""
+
+
+def error_budget_problem(accounting: dict, max_error_rate: float) -> str | None:
+    """Why a run with this accounting failed, or None. Skipped files (not image names)
+    do not count: the rate is dead letters over image files."""
+    images = accounting["files_seen"] - accounting["skipped"]
+    errors = accounting["errors"]
+    if accounting["images_written"] == 0:
+        return f"no image was written ({errors} of {images} image files are dead letters)"
+    if errors > max_error_rate * images:
+        return (f"{errors} of {images} image files ({errors / images:.1%}) are dead letters, "
+                f"over --max_error_rate {max_error_rate:g}")
+    return None
+
+
+def describe_failure(root: str, problem: str, top: int = 5) -> str:
+    """`problem`, the most common dead-letter reasons and where the dead letters are."""
+    reasons: Counter[str] = Counter()
+    path = join(root, ERRORS_PATH)
+    try:
+        with FileSystems.open(path, compression_type="uncompressed") as handle:
+            for line in handle.read().decode().splitlines():
+                reasons[json.loads(line)["reason"]] += 1
+    except Exception:  # noqa: BLE001 - the reasons are a courtesy; the problem is the message
+        pass
+    listed = ", ".join(f"{reason} {count}" for reason, count in reasons.most_common(top))
+    return (f"{problem}; top reasons: {listed or 'none recorded'}; dead letters: {path}; "
+            "no manifest.json was written")
+
+
 def write_outputs(
     config: PreprocessConfig, manifest: dict, errors: Sequence, shards: Sequence = ()
 ) -> None:
-    """Writes the dead letters and the image index, then the manifest (last)."""
+    """Writes the dead letters and the image index, then the manifest (last), while the
+    output's claim is still this run's. Raises TooManyErrors instead of writing the
+    manifest when the accounting is over the error budget."""
     root = config.output
     lines = sorted(error.to_json() for error in errors)
     _write_text(join(root, ERRORS_PATH), "".join(line + "\n" for line in lines))
@@ -153,6 +171,11 @@ def write_outputs(
     _write_text(join(root, INDEX_PATH),
                 "".join(shard.index_lines for shard in sorted(shards, key=lambda s: s.path)))
     remove_tree(join(root, "_tmp"))
+    problem = error_budget_problem(manifest["accounting"], config.max_error_rate)
+    if problem:
+        raise TooManyErrors(describe_failure(root, problem))
+    if config.run_id:
+        ownership.check_still_ours(root, config.run_id)
     temporary = join(root, MANIFEST + ".tmp")
     _write_text(temporary, json.dumps(manifest, indent=2) + "\n")
     FileSystems.rename([temporary], [join(root, MANIFEST)])

@@ -31,6 +31,9 @@ DEFAULT_SPLITS = (("train", 0.8), ("validation", 0.1), ("test", 0.1))
 # TFRecord guidance: files of 100 MB+ read efficiently; TFDS keeps 64 MiB-1 GiB.
 DEFAULT_SHARD_SIZE_MB = 128
 DEFAULT_SPLIT_SALT = "imagebeam-split-v1"
+# A few corrupt files never stop a job (about 1% of a real corpus is normal); a run that
+# is mostly dead letters (wrong folder, wrong format, credentials) fails instead.
+DEFAULT_MAX_ERROR_RATE = 0.1
 
 
 class UsageError(ValueError):
@@ -54,6 +57,8 @@ class PreprocessConfig:
     baseline_stats: str | None = None  # an earlier run's stats/statistics.pb: drift
     reuse_from: str | None = None  # an earlier output whose stored images may be reused
     decode_threads: int = 0  # per decoding DoFn; 0 = auto (decode_threads()); not output
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE  # dead letters / image files, at most
+    run_id: str | None = None  # the output claim's id (pipelines.ownership); not output
 
     def to_json(self) -> dict:
         """The config as it is recorded in the manifest."""
@@ -70,6 +75,7 @@ class PreprocessConfig:
             "split_salt": self.split_salt,
             "baseline_stats": self.baseline_stats,
             "reuse_from": self.reuse_from,
+            "max_error_rate": self.max_error_rate,
         }
 
 
@@ -137,6 +143,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="salt of the content hash that picks splits; change it to reshuffle")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a complete earlier output at --output")
+    parser.add_argument("--max_error_rate", type=float, default=DEFAULT_MAX_ERROR_RATE,
+                        help="largest fraction of image files that may become dead letters; "
+                        "above it the run fails and writes no manifest.json "
+                        f"(default {DEFAULT_MAX_ERROR_RATE:g}; 0 = any dead letter fails)")
     parser.add_argument("--no_progress", dest="progress", action="store_false")
     parser.add_argument("--reuse_from", metavar="URI",
                         help="an earlier output: images it stored with the same image config "
@@ -165,6 +175,8 @@ def parse_args(argv: Sequence[str]) -> tuple[PreprocessConfig, PipelineOptions]:
         raise UsageError("--shard_size_mb must be positive")
     if known.decode_threads < 0:
         raise UsageError("--decode_threads must be 0 (auto) or more")
+    if not 0 <= known.max_error_rate <= 1:
+        raise UsageError("--max_error_rate must be in 0..1")
     if not 1 <= known.jpeg_quality <= 100:
         raise UsageError("--jpeg_quality must be in 1..100")
     height, width = parse_image_size(known.image_size)
@@ -189,6 +201,7 @@ def parse_args(argv: Sequence[str]) -> tuple[PreprocessConfig, PipelineOptions]:
         baseline_stats=known.baseline_stats,
         reuse_from=known.reuse_from.rstrip("/") if known.reuse_from else None,
         decode_threads=known.decode_threads,
+        max_error_rate=known.max_error_rate,
     )
     return config, beam_options(beam_args)
 

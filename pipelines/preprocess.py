@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipelines import analysis_process, dataflow, stats_phase
+from pipelines import analysis_process, dataflow, ownership, stats_phase
 from pipelines import manifest as manifest_lib
 from pipelines.options import (
     PreprocessConfig,
@@ -88,12 +88,17 @@ def build_pipeline(
     listing_counts = listing.counts()
     spill_dir = manifest_lib.join(config.output, f"_tmp/spill-{uuid.uuid4().hex[:8]}")
     pipeline = beam.Pipeline(runner=local_runner(options), options=options)
+    # Create reshuffles its elements (a fusion break): the files are spread over the
+    # workers before the expensive step; a second Reshuffle here only cost one more encode
+    # and shuffle of the whole listing.
+    listed = pipeline | "ListedFiles" >> beam.Create(listing.sources, reshuffle=True)
+    if dataflow.is_classic_template(options):
+        # Each run of a classic template is this same job: it may write only while the
+        # claim the build made is still there, i.e. once.
+        listed = listed | "CheckTemplateClaim" >> beam.ParDo(
+            CheckClaimOnce(config.output, config.run_id))
     decoded = (
-        pipeline
-        # Create reshuffles its elements (a fusion break): the files are spread over
-        # the workers before the expensive step; a second Reshuffle here only cost one
-        # more encode and shuffle of the whole listing (~0.4 s at 16,000 files).
-        | "ListedFiles" >> beam.Create(listing.sources, reshuffle=True)
+        listed
         | "Decode" >> beam.ParDo(DecodeSourceFn(config.image, spill_dir, progress_dir,
                                                 decode_threads(config, options)),
                                  **_reuse_side_input(pipeline, config))
@@ -142,6 +147,27 @@ def build_pipeline(
     return pipeline
 
 
+class CheckClaimOnce(beam.DoFn):
+    """Passes elements through once the output's claim is found to name `run_id`
+    (checked once per DoFn instance, before the first element is decoded)."""
+
+    def __init__(self, output: str, run_id: str | None):
+        self._output, self._run_id = output, run_id
+
+    def setup(self):
+        try:
+            ownership.check_still_ours(self._output, self._run_id or "")
+        except ownership.ClaimLost as err:
+            raise ownership.ClaimLost(
+                f"this classic template's output {self._output} was claimed when the template "
+                f"was built, and that claim is gone or another run's ({err}): the template has "
+                "already run. Build it again, or use the Flex Template, to run again."
+            ) from err
+
+    def process(self, element):
+        yield element
+
+
 def _reuse_side_input(pipeline: beam.Pipeline, config: PreprocessConfig) -> dict:
     """{"reuse": sha256 -> ReuseEntry of the --reuse_from output}; {} without one.
 
@@ -168,9 +194,21 @@ def check_reuse(config: PreprocessConfig) -> PreprocessConfig:
     return config
 
 
+class _OwnFailuresFilter(logging.Filter):
+    """Drops Beam's logged traceback of a failure `_failed_run` tells in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and _failed_run(record.exc_info[1]))
+
+
 def run(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the process exit code."""
+    """Command-line entry point; returns the process exit code: 0 done, 1 the run failed
+    (over --max_error_rate, no image written, its claim taken over, or a pipeline error),
+    2 refused before anything was touched (usage, input, output not ours or in use)."""
     logging.getLogger().setLevel(logging.WARNING)
+    beam_logger = logging.getLogger("apache_beam.runners.common")
+    if not any(isinstance(f, _OwnFailuresFilter) for f in beam_logger.filters):
+        beam_logger.addFilter(_OwnFailuresFilter())
     try:
         config, options = parse_args(sys.argv[1:] if argv is None else argv)
     except UsageError as err:
@@ -183,16 +221,35 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 def _run(config: PreprocessConfig, options: PipelineOptions, analysis: str | None) -> int:
     try:
+        # Before anything is read or deleted: an output overlapping an input is refused.
+        ownership.refuse_overlaps(config.output, manifest_lib.input_paths(config))
         options = dataflow.prepare(config, options)  # checks; what Dataflow workers install
         listing = list_input(config)
         config = check_reuse(config)
-        # Read before prepare_output: the baseline may sit in the output being replaced.
         baseline = (stats_phase.load_baseline(config.baseline_stats)
                     if config.baseline_stats else None)
-        manifest_lib.prepare_output(config)
+        config = dataclasses.replace(config, run_id=ownership.new_run_id())
+        claim = manifest_lib.prepare_output(
+            config, lease_s=(ownership.LEASE_S if dataflow.waits_for_job(options)
+                             else ownership.UNFOLLOWED_LEASE_S))
     except (UsageError, InputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    try:
+        return _run_claimed(config, options, analysis, listing, baseline)
+    except Exception as err:
+        failure = _failed_run(err)
+        if failure is None:
+            raise
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
+    finally:
+        claim.release()
+        dataflow.remove_scratch_dirs()
+
+
+def _run_claimed(config: PreprocessConfig, options: PipelineOptions, analysis: str | None,
+                 listing: Listing, baseline: bytes | None) -> int:
     local = options.view_as(StandardOptions).runner in LOCAL_RUNNERS
     print(f"[preprocess] {len(listing.sources)} image files, {len(listing.skipped)} skipped, "
           f"{len(label_vocabulary(listing))} labels -> {config.output}", file=sys.stderr)
@@ -203,24 +260,39 @@ def _run(config: PreprocessConfig, options: PipelineOptions, analysis: str | Non
         # Everything alive once the pipeline is built (Beam's modules, TensorFlow's where
         # tf.Transform runs in this process, the listing, the graph) lives to the end;
         # frozen, the cyclic GC stops rescanning it each time the pipeline's many
-        # short-lived objects trigger a collection (~5% of a 2,000-image local run).
+        # short-lived objects trigger a collection.
         gc.freeze()
-        result = pipeline.run()
-        if local:
-            result.wait_until_finish()
-        else:  # waits for a Dataflow job; a template or a Flex launch has none
-            code = dataflow.follow(result, config, options)
-    # Free the pipeline's reference cycles now, while every extension module is still
-    # loaded; left to the interpreter's last collection they can crash it (see main).
-    del result, pipeline
-    gc.unfreeze()  # callers in this process (tests, pipelines.run) get a normal GC back
-    gc.collect()
+        try:
+            result = pipeline.run()
+            dataflow.remove_scratch_dirs()  # the wheel is staged
+            if local:
+                result.wait_until_finish()
+            else:  # waits for a Dataflow job; a template or a Flex launch has none
+                code = dataflow.follow(result, config, options)
+        finally:
+            # Free the pipeline's reference cycles now, while every extension module is
+            # still loaded; left to the interpreter's last collection they can crash it.
+            result = pipeline = None
+            gc.unfreeze()  # callers in this process (tests, pipelines.run) get a normal GC
+            gc.collect()
     if not local:
         return code
     manifest = manifest_lib.read_manifest(config.output)
     elapsed = time.monotonic() - started
     print(summary(manifest, elapsed), file=sys.stderr)
     return 0
+
+
+def _failed_run(err: BaseException | None) -> str | None:
+    """The one-line story of a run that failed for a reason of ours (too many dead
+    letters, its claim taken over), else None: an unexpected error keeps its traceback."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (manifest_lib.TooManyErrors, ownership.ClaimLost)):
+            return str(err).split(" [while running", 1)[0]  # Beam appends the step
+        err = err.__cause__ or err.__context__
+    return None
 
 
 @contextlib.contextmanager

@@ -50,6 +50,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions
 
 from pipelines import gate as gate_lib
 from pipelines import manifest as manifest_lib
+from pipelines import ownership
 from pipelines import run as run_lib
 from pipelines import vertex as vertex_lib
 from pipelines.options import PreprocessConfig, UsageError
@@ -60,6 +61,8 @@ FORMAT_VERSION = 1
 CURRENT = "current.json"
 RECORD = "retrain.json"
 RUNS, DATA, MODEL = "runs", "data", "model"
+TICK_CLAIM = "_TICK_IN_PROGRESS"  # one tick per root (pipelines.ownership: flock / lease)
+FINISHED = ("promoted", "rejected", "no_new_data")  # a record's statuses that end a tick
 METRICS = "metrics.json"  # the trainer writes it after the SavedModel: present = complete
 # Flags each tick sets per run; given on the command line they would fight the tick.
 OWNED_FLAGS = ("--output", "--reuse_from", "--baseline_stats", "--overwrite", "--data",
@@ -418,10 +421,14 @@ def gate_step(data: str, manifest: dict, metrics: dict, current: dict | None) ->
     return candidate, baseline
 
 
-def promote(root: str, run_id: str, model_dir: str, metrics: dict, manifest: dict,
-            evaluation: dict, previous: dict | None) -> dict:
-    """Points current.json at this run's model (complete: metrics.json exists)."""
-    pointer = {
+class BaselineChanged(RuntimeError):
+    """current.json no longer names the model the candidate was gated against."""
+
+
+def promotion_pointer(root: str, run_id: str, model_dir: str, metrics: dict, manifest: dict,
+                      evaluation: dict, previous: dict | None) -> dict:
+    """What current.json says once this run's model (complete: metrics.json) serves."""
+    return {
         "run_id": run_id,
         "saved_model": metrics["saved_model"],
         "model_dir": model_dir,
@@ -436,24 +443,70 @@ def promote(root: str, run_id: str, model_dir: str, metrics: dict, manifest: dic
         "promoted_at": _utc(time.time()),
         "previous_run_id": previous["run_id"] if previous else None,
     }
-    write_json_atomically(manifest_lib.join(root, CURRENT), pointer)
-    return pointer
+
+
+def swap_current(root: str, pointer: dict, expected_run_id: str | None) -> None:
+    """Replaces current.json with `pointer` only if it still names `expected_run_id`
+    (None: only if there is none): a compare-and-swap, by GCS generation precondition
+    on gs://, and on local roots by a re-check under the tick's lock. Raises
+    BaselineChanged otherwise, leaving current.json as it is."""
+    path = manifest_lib.join(root, CURRENT)
+    if "://" not in path:
+        found = read_current(root)
+        if (found["run_id"] if found else None) != expected_run_id:
+            raise BaselineChanged(f"current.json now names {found and found['run_id']}")
+        write_json_atomically(path, pointer)
+        return
+    bucket, name = ownership.split_gcs(path)
+    blob = ownership.gcs_client().bucket(bucket).get_blob(name)
+    found = json.loads(blob.download_as_bytes()) if blob is not None else None
+    if (found["run_id"] if found else None) != expected_run_id:
+        raise BaselineChanged(f"current.json now names {found and found['run_id']}")
+    try:
+        ownership.gcs_write(path, (json.dumps(pointer, indent=2) + "\n").encode(),
+                             if_generation_match=blob.generation if blob is not None else 0)
+    except ownership.PreconditionFailed as err:
+        raise BaselineChanged("current.json was replaced during the promotion") from err
 
 
 # ---------------------------------------------------------------- the tick
 
 
 def tick(config: RetrainConfig) -> dict:
-    """One tick as the module docstring describes; returns the record it wrote."""
+    """One tick as the module docstring describes, holding the root's tick claim (a second
+    tick on the same root is refused with OutputRefused); returns the record it wrote."""
+    run_id = config.run_id or new_run_id()
+    claim = ownership.acquire(
+        manifest_lib.join(config.root, TICK_CLAIM),
+        ownership.ClaimRecord(run_id=run_id, entries=(), created_at=time.time(),
+                              pid=os.getpid()))
+    try:
+        return _tick(config, run_id, claim)
+    finally:
+        claim.release(remove=True)
+
+
+def last_finished_record(root: str, current: dict | None) -> dict | None:
+    """The newest record of a tick that ended. A `promoting` record (killed between its
+    record and the swap) counts as promoted if current.json names its run, else not at
+    all: that candidate was never served."""
+    for run_id in reversed(_run_ids_with(root, RECORD)):
+        record = read_json(manifest_lib.join(run_dir(root, run_id), RECORD))
+        if record.get("status") == "promoting" and current and current["run_id"] == run_id:
+            return {**record, "status": "promoted"}
+        if record.get("status", "promoted") in FINISHED:
+            return record
+    return None
+
+
+def _tick(config: RetrainConfig, run_id: str, claim: ownership.OutputClaim) -> dict:
     started = time.time()
     root = config.root
-    run_id = config.run_id or new_run_id()
     folder = run_dir(root, run_id)
     if _has_files(folder):
         raise UsageError(f"{folder} exists; give another --run_id")
-    finished = _run_ids_with(root, RECORD)
-    last = read_json(manifest_lib.join(run_dir(root, finished[-1]), RECORD)) if finished else None
     current = read_current(root)
+    last = last_finished_record(root, current)
     fingerprint, num_files = input_fingerprint(config)
     record: dict = {
         "format_version": FORMAT_VERSION,
@@ -507,19 +560,39 @@ def tick(config: RetrainConfig) -> dict:
     metrics = train_step(config, run_id, data, model_dir, warm_start)
     timings["train_s"] = round(time.time() - started - sum(timings.values()), 2)
 
-    candidate, baseline = gate_step(data, manifest, metrics, current)
-    decision = gate_lib.decide(candidate, baseline, drift["blocking"], config.rule)
+    for _attempt in range(3):
+        candidate, baseline = gate_step(data, manifest, metrics, current)
+        decision = gate_lib.decide(candidate, baseline, drift["blocking"], config.rule)
+        record.update(
+            candidate={"run_id": run_id, "saved_model": metrics["saved_model"],
+                       "test": candidate,
+                       "trainer": {k: metrics.get(k) for k in ("epochs", "validation", "test")}},
+            baseline=({"run_id": current["run_id"], "saved_model": current["saved_model"],
+                       "test": baseline} if current else None),
+            status="promoting" if decision.promoted else "rejected",
+            promoted=False, reason=decision.reason,
+        )
+        if not decision.promoted:
+            break
+        if claim.lost:
+            raise StepFailed(f"{claim.lost}; not promoting")
+        # The record first: a kill before the swap leaves `promoting` beside an unchanged
+        # current.json, which the next tick reads as "never served".
+        write_json_atomically(manifest_lib.join(folder, RECORD), record)
+        try:
+            swap_current(root, promotion_pointer(root, run_id, model_dir, metrics, manifest,
+                                                 candidate, current),
+                         current["run_id"] if current else None)
+        except BaselineChanged as err:
+            _log(f"{err}: gating again against the model that serves now")
+            current = read_current(root)
+            continue
+        record.update(status="promoted", promoted=True)
+        break
+    else:
+        record.update(status="rejected", promoted=False,
+                      reason="current.json kept changing during the gate; not promoted")
     timings["gate_s"] = round(time.time() - started - sum(timings.values()), 2)
-    record.update(
-        candidate={"run_id": run_id, "saved_model": metrics["saved_model"], "test": candidate,
-                   "trainer": {k: metrics.get(k) for k in ("epochs", "validation", "test")}},
-        baseline=({"run_id": current["run_id"], "saved_model": current["saved_model"],
-                   "test": baseline} if current else None),
-    )
-    if decision.promoted:
-        promote(root, run_id, model_dir, metrics, manifest, candidate, current)
-    record.update(status="promoted" if decision.promoted else "rejected",
-                  promoted=decision.promoted, reason=decision.reason)
     return _finish(record, folder, timings, started)
 
 
@@ -566,7 +639,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
         record = tick(config)
-    except (UsageError, InputError) as err:
+    except (UsageError, InputError) as err:  # OutputRefused too: another tick holds the root
         print(f"error: {err}", file=sys.stderr)
         return 2
     except StepFailed as err:

@@ -15,7 +15,8 @@ from pathlib import Path
 from pipelines import preprocess
 from tests import corpus
 
-ARGS = ["--image_size", "32,48", "--image_format", "png", "--num_shards", "2", "--no_progress"]
+ARGS = ["--image_size", "32,48", "--image_format", "png", "--num_shards", "2", "--no_progress",
+        *corpus.ERROR_BUDGET_ARGS]
 _made: dict[str, Path] = {}
 
 

@@ -141,7 +141,7 @@ def test_labels_csv_gives_several_labels_to_one_image(corpus_dir, tmp_path):
                    "imgs/dog/photo0.jpg,dog\n"
                    "imgs/dog/photo0.jpg,outdoor\n"
                    f"{tmp_path / 'imgs' / 'cat' / 'photo1.jpg'},cat\n")  # absolute, in root
-    out = tmp_path / "out"
+    out = tmp_path.parent / f"{tmp_path.name}-out"  # not inside the CSV's folder
     run_ok("--labels", str(csv), "--output", str(out), *ARGS, "--direct_running_mode",
            "in_memory")
     manifest = read_manifest(str(out))

@@ -20,7 +20,8 @@ def test_gs_to_gs_run_matches_local_run(emulator, tmp_path):
     expected = corpus.write_corpus(raw)
     emulator.create_bucket("images")
     emulator.upload_folder(str(raw), "gs://images/raw")
-    args = ["--image_size", "32,48", "--num_shards", "2", "--no_progress"]
+    args = ["--image_size", "32,48", "--num_shards", "2", "--no_progress",
+            *corpus.ERROR_BUDGET_ARGS]
     assert preprocess.run(["--input", "gs://images/raw", "--output", "gs://images/prep",
                            *args]) == 0
     manifest = read_manifest("gs://images/prep")

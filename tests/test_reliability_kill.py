@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 
 from pipelines import manifest as manifest_lib
-from pipelines import preprocess
+from pipelines import ownership, preprocess
 from pipelines.manifest import read_manifest
 from pipelines.options import PreprocessConfig
 from tests import corpus
 
-ARGS = ["--image_size", "32", "--num_shards", "3", "--no_progress"]
+ARGS = ["--image_size", "32", "--num_shards", "3", "--no_progress", *corpus.ERROR_BUDGET_ARGS]
 SEED = 20240611
 RUN_TIMEOUT_S = 120
 
@@ -153,13 +153,18 @@ def test_killed_runs_never_look_complete_and_the_rerun_is_exact(raw, tmp_path):
     assert not (out / "_tmp").exists() and not (out / "_IN_PROGRESS").exists()
 
 
-def test_leftovers_of_a_kill_during_cleanup_are_reclaimed(tmp_path):
-    """Killed inside prepare_output after the old manifest and claim were deleted: every
-    folder the tool writes must count as its own. `index/` was missing from that list, so
-    the rerun refused the folder as foreign (found by the kill test)."""
+def test_leftovers_of_a_kill_during_cleanup_are_reclaimed_only_beside_our_claim(tmp_path):
+    """Killed inside prepare_output after the old manifest was deleted: the claim, written
+    first, proves the folders are ours. Without it the same names are the user's."""
     out = tmp_path / "out"
     for name in ("data", "errors", "index", "stats", "transform_output"):
         (out / name).mkdir(parents=True)
         (out / name / "leftover").write_text("from a killed run")
-    manifest_lib.prepare_output(PreprocessConfig(output=str(out), input="unused"))
+    with pytest.raises(ownership.OutputRefused, match="not an output of this tool"):
+        manifest_lib.prepare_output(PreprocessConfig(output=str(out), input="unused"))
+    assert len(list(out.rglob("leftover"))) == 5
+    (out / manifest_lib.IN_PROGRESS).write_bytes(ownership.ClaimRecord(
+        run_id="killed", entries=manifest_lib.OUTPUT_ENTRIES, created_at=0.0).to_bytes())
+    claim = manifest_lib.prepare_output(PreprocessConfig(output=str(out), input="unused"))
+    claim.release()
     assert sorted(p.name for p in out.iterdir()) == [manifest_lib.IN_PROGRESS]

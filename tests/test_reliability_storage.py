@@ -27,7 +27,8 @@ from pipelines.transforms import DecodeSourceFn
 from tests import corpus
 from tests.faults import FAILURE_KINDS, FaultPlan, FlakyGcsEmulator
 
-ARGS = ["--image_size", "32,48", "--num_shards", "2", "--no_progress"]
+ARGS = ["--image_size", "32,48", "--num_shards", "2", "--no_progress",
+        *corpus.ERROR_BUDGET_ARGS]
 
 
 @pytest.fixture(scope="module")
