@@ -7,7 +7,9 @@ Each image is decoded and resized by `pipelines.imaging_tf` (the TF-ops port of 
 pipeline's PIL code, EXIF orientation included, held to it by a parity test) to the
 manifest's size and resize mode, then the model applies the normalisation from the
 transform output and the network. Any JPEG/PNG/GIF/BMP/WebP of any size goes in;
-what training saw is what serving computes.
+what training saw is what serving computes. A file the pipeline refuses from its header
+(not_an_image, too_many_pixels, too_many_scans) fails the request with an
+InvalidArgumentError naming that reason, before any decoder has run.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m tests.benchmarks.fuzz_decode [--cases 50000] [--seed 0]
         [--timeout_s 10] [--memory_mb 3072] [--workers N] [--replay SEED:INDEX]
+    .venv/bin/python -m tests.benchmarks.fuzz_decode --serving
 
 Every input must either decode or raise DecodeError (a dead letter). Each case runs in a
 worker process capped by RLIMIT_AS (`--memory_mb`) and watched by a per-case wall-clock
@@ -10,6 +11,11 @@ workers are recycled every few hundred cases so each one's peak RSS describes fe
 Prints counts (decoded / dead letter by reason / crashes by exception / timeouts / worker
 deaths / MemoryError), the slowest cases, the largest RSS, and how to replay each failure.
 Exit status 1 if anything but decoded/dead-letter happened.
+
+`--serving` instead runs each crafted case through the pipeline and through the serving
+graph (`pipelines.imaging_tf`, traced) in this process, and prints both outcomes and
+times; exit status 1 if a file the pipeline refuses from its header is not refused by the
+serving graph for the same reason.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import multiprocessing  # noqa: E402
+import re  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -36,6 +43,8 @@ from tests import fuzz_images  # noqa: E402
 
 RECYCLE_AFTER = 400  # cases per worker process before a fresh one takes over
 SPEC = ImageSpec(224, 224)  # the pipeline's default target
+# Dead-letter reasons the serving graph's header guards raise too (as InvalidArgumentError).
+HEADER_REASONS = ("not_an_image", "too_many_pixels", "too_many_scans")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +181,39 @@ def fuzz(keys: list[str], workers: int, timeout_s: float, memory_mb: int) -> Rep
     return report
 
 
+def serving_parity() -> int:
+    """Crafted cases through both decode paths; 1 if a header refusal differs."""
+    import tensorflow as tf  # only here: the forked workers never load TensorFlow
+
+    from pipelines import imaging_tf
+
+    serve = tf.function(
+        lambda data: imaging_tf.process_image(data, (SPEC.height, SPEC.width), SPEC.resize,
+                                              SPEC.max_pixels),
+        input_signature=[tf.TensorSpec([], tf.string)])
+    serve(tf.constant(fuzz_images.seed_images()["baseline.jpg"]))  # traced before timing
+    mismatches = 0
+    print(f"{'case':46s} {'pipeline':28s} {'ms':>8s}   {'serving graph':28s} {'ms':>8s}")
+    for name, data in fuzz_images.hostile_images().items():
+        started = time.perf_counter()
+        pipeline = _run_one(data)
+        pipeline_ms = (time.perf_counter() - started) * 1000
+        started = time.perf_counter()
+        try:
+            serve(tf.constant(data))
+            serving = "decoded"
+        except tf.errors.InvalidArgumentError as err:  # the guard's message: [reason...]
+            found = re.search(r"\[(\w+)", err.message)
+            serving = f"dead_letter:{found.group(1) if found else 'other'}"
+        serving_ms = (time.perf_counter() - started) * 1000
+        differs = pipeline.removeprefix("dead_letter:") in HEADER_REASONS and serving != pipeline
+        mismatches += differs
+        print(f"{name:46s} {pipeline:28s} {pipeline_ms:8.1f}   {serving:28s} {serving_ms:8.1f}"
+              + ("  MISMATCH" if differs else ""))
+    print(f"{mismatches} header refusals differ between the pipeline and the serving graph")
+    return 1 if mismatches else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=50_000, help="mutated cases")
@@ -180,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory_mb", type=int, default=3072, help="RLIMIT_AS per worker")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--replay", help="run one case key in this process and show it")
+    parser.add_argument("--serving", action="store_true",
+                        help="crafted cases through the pipeline and the serving graph")
     args = parser.parse_args(argv)
+    if args.serving:
+        return serving_parity()
     if args.replay:
         data = Case(args.replay).data()
         print(f"{args.replay}: {len(data)} bytes -> {_run_one(data)}")
