@@ -286,11 +286,16 @@ def _run_claimed(config: PreprocessConfig, options: PipelineOptions, analysis: s
 def _failed_run(err: BaseException | None) -> str | None:
     """The one-line story of a run that failed for a reason of ours (too many dead
     letters, its claim taken over), else None: an unexpected error keeps its traceback."""
+    ours = (manifest_lib.TooManyErrors, ownership.ClaimLost)
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, (manifest_lib.TooManyErrors, ownership.ClaimLost)):
-            return str(err).split(" [while running", 1)[0]  # Beam appends the step
+        # Worker processes send their errors back as text: find ours by its class name.
+        text = str(err) if isinstance(err, ours) else next(
+            (str(err).rsplit(f"{kind.__name__}: ", 1)[1] for kind in ours
+             if f"{kind.__name__}: " in str(err)), None)
+        if text is not None:
+            return text.split(" [while running", 1)[0].splitlines()[0]  # Beam adds the step
         err = err.__cause__ or err.__context__
     return None
 

@@ -21,11 +21,15 @@ A tick (`tick`):
   3. trains a candidate into runs/<id>/model, warm-started from the current model's
      checkpoints when labels, model and image size are unchanged.
   4. evaluates candidate and current model on this run's test split (`pipelines.gate`)
-     and promotes the candidate by replacing current.json, if the gate passes.
+     and, if the gate passes, writes a `promoting` record, then swaps current.json only
+     if it still names the model the candidate was gated against (`swap_current`); if
+     another promotion came first, it gates again against that model.
   5. writes runs/<id>/retrain.json.
-A tick killed at any point leaves current.json as it was; its run folder has no
-retrain.json, so the next tick ignores it, except that a complete data/ in it is the
-newest output to reuse from.
+A tick holds ROOT/_TICK_IN_PROGRESS (`pipelines.ownership`) throughout: a second tick on
+the same root is refused. A tick killed at any point leaves current.json as it was, or
+swapped whole; a run folder without retrain.json, or whose `promoting` record names a
+model current.json does not, is not a finished tick for the next one, except that a
+complete data/ in it is the newest output to reuse from.
 """
 
 from __future__ import annotations
