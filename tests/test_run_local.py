@@ -115,3 +115,34 @@ def test_raw_photos_to_a_trained_model(tmp_path, capfd):
     assert run.main(changed) == 2
     assert "made with other settings; pass --overwrite" in capfd.readouterr().err
     assert Path(output / "prep" / "manifest.json").exists()
+
+
+def test_overwrite_resumes_on_the_same_images_and_starts_fresh_on_new_ones(tmp_path, capfd):
+    raw, output = tmp_path / "raw", tmp_path / "run"
+    make_demo_images(str(raw), per_class=5, size=(32, 32), seed=0)
+    argv = ["--input", str(raw), "--output", str(output), "--image_size", "32",
+            "--num_shards", "1", "--no_progress", "--direct_running_mode", "in_memory",
+            "--model", "linear", "--batch_size", "8"]
+    metrics_path = output / "model" / "metrics.json"
+    assert run.main([*argv, "--epochs", "1"]) == 0
+    first = json.loads(metrics_path.read_text())
+    capfd.readouterr()
+
+    # Preprocessed again from the same images: the model resumes where it stopped.
+    assert run.main([*argv, "--overwrite", "--epochs", "2"]) == 0
+    assert "[trainer] resuming after epoch 1 of 2" in capfd.readouterr().err
+    again = json.loads(metrics_path.read_text())
+    assert again["resumed_from_epoch"] == 1 and again["epochs"] == 2
+    assert again.get("data_fingerprint") == first.get("data_fingerprint")
+
+    # New images under the same names: a new model, not the old one trained on.
+    make_demo_images(str(raw), per_class=5, size=(32, 32), seed=1)
+    assert run.main([*argv, "--overwrite", "--epochs", "2"]) == 0
+    err = capfd.readouterr().err
+    assert "resuming" not in err
+    assert (f"[trainer] checkpoints in {output / 'model' / 'checkpoints'} were made on other "
+            "data or another model (differs: ") in err
+    fresh = json.loads(metrics_path.read_text())
+    assert fresh["resumed_from_epoch"] == 0 and fresh["epochs"] == 2
+    assert [row["epoch"] for row in fresh["history"]] == [1, 2]
+    assert fresh["data_fingerprint"] != first["data_fingerprint"]
