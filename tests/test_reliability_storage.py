@@ -23,7 +23,8 @@ from pipelines import preprocess
 from pipelines.imaging import ImageSpec
 from pipelines.manifest import read_manifest
 from pipelines.sources import SourceFile
-from pipelines.transforms import DecodeSourceFn
+from pipelines.spill import SpillRef
+from pipelines.transforms import DecodeSourceFn, UniqueImage, WriteShardFn, decode_source
 from tests import corpus
 from tests.faults import FAILURE_KINDS, FaultPlan, FlakyGcsEmulator
 
@@ -137,3 +138,29 @@ def test_a_read_that_keeps_failing_fails_the_bundle_instead_of_dropping_the_imag
     with _always(plan, kind) as uri, pytest.raises(google_errors.RetryError):
         _decode_one(uri, tmp_path)
     assert plan.injected[f"always_{kind}"] >= 2  # the client did retry first
+
+
+@pytest.mark.parametrize("earlier", ["truncated", "deleted"])
+def test_reused_bytes_from_a_damaged_gs_shard_are_decoded_again(flaky, tmp_path, earlier):
+    """GCS answers a read past a truncated object's end with fewer bytes, and a deleted
+    shard with 404: either way the image is made from its source again, and counted."""
+    spec = ImageSpec(32, 48)
+    uri = "gs://images/raw/cat/photo1.jpg"
+    fresh = decode_source(SourceFile(uri, ("cat",)), spec)
+    shard = f"gs://images/earlier-{earlier}/data/train-00000-of-00001.tfrecord"
+    if earlier == "truncated":
+        with FileSystems.create(shard) as handle:
+            handle.write(b"header" + fresh.image.encoded[:-1])
+    image = UniqueImage(
+        fresh.sha256, (uri,), ("cat",), False,
+        SpillRef(shard, len(b"header"), len(fresh.image.encoded)), fresh.source_bytes,
+        fresh.image.original_height, fresh.image.original_width, fresh.image.source_format,
+        fresh.image.channel_sums, fresh.image.channel_squared_sums, "train", "0",
+        reused=True, stored_sha256=fresh.stored_sha256)
+    fn = WriteShardFn(str(tmp_path / "out"), spec, ["cat"])
+    fn.setup()
+    (info,) = fn.process((("train", 0, 1), [image]))
+    assert (info.num_reused, info.num_reuse_mismatch) == (0, 1)
+    (row,) = [json.loads(line) for line in info.index_lines.splitlines()]
+    written = (tmp_path / "out" / info.path).read_bytes()
+    assert written[row["offset"]:row["offset"] + row["length"]] == fresh.image.encoded
