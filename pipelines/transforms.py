@@ -499,8 +499,9 @@ class WriteShardFn(beam.DoFn):
 
 def _read_earlier(refs: Iterable[SpillRef]) -> dict[SpillRef, bytes]:
     """Reused images' bytes from the earlier output's shards, read like spill files. A
-    shard that is gone, unreadable for good or shorter than the index says leaves its
-    refs out or short (to be decoded again); other errors raise, as reads do."""
+    shard that is gone or unreadable for good leaves its refs out; one shorter than the
+    index says gives short bytes (local files and GCS alike): both are decoded again.
+    Other errors raise, as reads do."""
     by_path: dict[str, list[SpillRef]] = {}
     for ref in refs:
         by_path.setdefault(ref.path, []).append(ref)
@@ -509,9 +510,7 @@ def _read_earlier(refs: Iterable[SpillRef]) -> dict[SpillRef, bytes]:
         try:
             blobs.update(read_spilled(path_refs))
         except (OSError, google_errors.GoogleAPICallError) as err:
-            # 416: a range past the end of a truncated object.
-            if not (is_permanent_read_error(err)
-                    or isinstance(err, google_errors.RequestRangeNotSatisfiable)):
+            if not is_permanent_read_error(err):
                 raise
     return blobs
 
