@@ -28,7 +28,11 @@ Variables (Airflow Variables; an AIRFLOW_VAR_<NAME> environment variable wins):
     imagebeam_kube_config  pod: default /home/airflow/composer_kube_config (Composer 3)
     imagebeam_timeout_hours  a tick longer than this is stopped (default 12)
 
-A manual run may add flags with the `extra_args` param (e.g. "--gate_margin 0.05").
+A manual run may add flags with the `extra_args` param (e.g. "--epochs 20
+--learning_rate 0.0005"): training flags only, and a --gate_margin at most the
+deployment's; anything else (--root, --input, --labels, --project, --service_account_email,
+a looser gate, ...) fails the task before the tick starts. The allowlist:
+`imagebeam_manual_args.py`, beside this file.
 """
 
 from __future__ import annotations
@@ -36,10 +40,14 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
+from imagebeam_manual_args import RefusedArgs, allowed_extra_args  # the DAGs folder is on sys.path
+
 try:  # Airflow 3
     from airflow.sdk import DAG, Param, Variable
+    from airflow.sdk.exceptions import AirflowFailException
 except ImportError:  # Airflow 2.10 (Composer images still ship it)
     from airflow import DAG
+    from airflow.exceptions import AirflowFailException
     from airflow.models import Variable
     from airflow.models.param import Param
 
@@ -76,10 +84,21 @@ def tick_env(python: str) -> dict[str, str]:
         "IMAGEBEAM_RUNNER": _var("imagebeam_runner", "DirectRunner"),
         "IMAGEBEAM_TRAINER": _var("imagebeam_trainer", "local"),
         "IMAGEBEAM_ARGS": _var("imagebeam_args"),
-        "IMAGEBEAM_EXTRA_ARGS": "{{ params.extra_args }}",
+        # Refused flags fail the rendering, before the tick starts (and without retries).
+        "IMAGEBEAM_EXTRA_ARGS": "{{ params.extra_args | imagebeam_allowed_args("
+                                "var.value.get('imagebeam_args', '')) }}",
         "IMAGEBEAM_PYTHON": _var("imagebeam_python", python),
         "PYTHONUNBUFFERED": "1",  # tick lines reach the task log as they happen
     }
+
+
+def checked_extra_args(extra_args: str, deployment_args: str) -> str:
+    """The `imagebeam_allowed_args` template filter: the manual run's flags, each one word;
+    a refused flag fails the task for good (a retry would be refused again)."""
+    try:
+        return allowed_extra_args(extra_args, deployment_args)
+    except RefusedArgs as err:
+        raise AirflowFailException(str(err)) from err
 
 
 def local_tick():
@@ -137,7 +156,9 @@ with DAG(
         "execution_timeout": TIMEOUT,
     },
     params={"extra_args": Param("", type="string",
-                                description="flags added to this run's tick")},
+                                description="training flags added to this run's tick "
+                                "(allowlist: imagebeam_manual_args.py)")},
+    user_defined_filters={"imagebeam_allowed_args": checked_extra_args},
     tags=["imagebeam", "retraining"],
     doc_md=__doc__,
 ) as dag:
