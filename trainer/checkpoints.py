@@ -49,7 +49,7 @@ class TrainedOn:
     @classmethod
     def of(cls, data: str, manifest: dict, model: str) -> TrainedOn:
         """The record of training `model` on the preprocess output at `data` (its manifest
-        already read); reads the output's image index (about 400 bytes per image)."""
+        already read); reads the output's image index (a few hundred bytes per image)."""
         image = manifest["image"]
         index = manifest.get("index_path")
         return cls(
