@@ -35,9 +35,10 @@ def join(root: str, relative: str) -> str:
 
 def input_paths(config: PreprocessConfig) -> dict[str, str | None]:
     """{flag: path} of everything the run reads, which the output may not overlap."""
-    csv_folder = config.labels_csv.rsplit("/", 1)[0] if config.labels_csv else None
-    if csv_folder == config.labels_csv:  # a bare file name: the current folder
-        csv_folder = "."
+    csv_folder = None
+    if config.labels_csv:
+        csv_folder = (config.labels_csv.rsplit("/", 1)[0] if "/" in config.labels_csv
+                      else ".")  # a bare file name: the current folder
     return {"--input": config.input, "--labels (its folder)": csv_folder,
             "--reuse_from": config.reuse_from, "--baseline_stats": config.baseline_stats}
 
@@ -97,6 +98,8 @@ def build_manifest(
         "hidden_ignored": listing.hidden,
         # Of images_written: bytes taken from the --reuse_from output instead of decoded.
         "reused": sum(getattr(s, "num_reused", 0) for s in shards),
+        # Of the reuse candidates: earlier bytes that failed sha256/length, decoded again.
+        "reuse_mismatches": sum(getattr(s, "num_reuse_mismatch", 0) for s in shards),
     }
     accounted = written + duplicates + len(errors) + len(listing.skipped)
     if accounted != listing.files_seen:

@@ -167,6 +167,7 @@ def parse_args(argv: Sequence[str]) -> tuple[PreprocessConfig, PipelineOptions]:
     parser = _parser()
     known, beam_args = parser.parse_known_args(list(argv))
     _reject_unknown_beam_flags(beam_args)
+    refuse_glob_characters("--output", known.output)
     if not known.input and not known.labels_csv:
         raise UsageError("give --input (a folder or gs:// prefix) or --labels (a CSV)")
     if known.num_shards is not None and known.num_shards < 1:
@@ -204,6 +205,19 @@ def parse_args(argv: Sequence[str]) -> tuple[PreprocessConfig, PipelineOptions]:
         max_error_rate=known.max_error_rate,
     )
     return config, beam_options(beam_args)
+
+
+GLOB_CHARACTERS = "[*?"
+
+
+def refuse_glob_characters(flag: str, path: str) -> None:
+    """Raises UsageError for an output path holding `[`, `*` or `?`: Beam's matching and
+    TensorFlow's file loading (the statistics phase reads its SavedModel back) would take
+    them for patterns, and an output we may delete must never be a pattern."""
+    found = sorted({c for c in path if c in GLOB_CHARACTERS})
+    if found:
+        raise UsageError(f"{flag} {path} contains {' '.join(found)}: output paths may not "
+                         "hold [, * or ? (they would be read as patterns); rename it")
 
 
 def beam_options(beam_args: Sequence[str]) -> PipelineOptions:

@@ -258,6 +258,8 @@ def test_reuse_verifies_earlier_bytes_and_decodes_what_does_not_match(clean_runs
     written = manifest["accounting"]["images_written"]
     assert 0 < unverified <= written
     assert manifest["accounting"]["reused"] == written - unverified
+    assert manifest["accounting"]["reuse_mismatches"] == (
+        0 if how == "index_without_hashes" else unverified)
     assert manifest["splits"] == expected["splits"]
     for relative in [s["path"] for e in expected["splits"].values() for s in e["shards"]] + [
             "index/images.jsonl"]:

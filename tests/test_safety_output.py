@@ -359,3 +359,11 @@ def test_gcs_lease_live_refuses_expired_is_taken_over_once(gcs):
         # A writer holding an older generation loses the race instead of overwriting.
         with pytest.raises(ownership.PreconditionFailed):
             ownership.gcs_write(second.path, b"{}", if_generation_match=1)
+
+
+@pytest.mark.parametrize("name", ["out[1]", "out*", "out?"])
+def test_output_paths_with_glob_characters_are_refused(name, tmp_path, capsys):
+    photos = make_images(tmp_path / "photos")
+    refused(["--input", str(photos), "--output", str(tmp_path / name)], capsys,
+            "may not hold [, * or ?")
+    assert not (tmp_path / name).exists()
