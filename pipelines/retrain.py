@@ -57,7 +57,7 @@ from pipelines import manifest as manifest_lib
 from pipelines import ownership
 from pipelines import run as run_lib
 from pipelines import vertex as vertex_lib
-from pipelines.options import PreprocessConfig, UsageError
+from pipelines.options import PreprocessConfig, UsageError, refuse_glob_characters
 from pipelines.options import parse_args as parse_preprocess_args
 from pipelines.sources import InputError, list_labels_csv
 
@@ -127,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
                         default=vertex_lib.DEFAULT_ACCELERATOR_COUNT)
     vertex.add_argument("--vertex_boot_disk_gb", type=int,
                         default=vertex_lib.DEFAULT_BOOT_DISK_GB)
+    vertex.add_argument("--vertex_replica_count", type=int, default=1)
     vertex.add_argument("--vertex_region", help="default: Beam's --region")
     vertex.add_argument("--vertex_network", metavar="projects/NUMBER/global/networks/NAME")
     vertex.add_argument("--vertex_timeout_hours", type=float)
@@ -147,6 +148,7 @@ def parse_args(argv: Sequence[str]) -> RetrainConfig:
     if known.run_id and not _RUN_ID.fullmatch(known.run_id):
         raise UsageError(f"--run_id {known.run_id!r}: letters, digits, '.', '_', '-' only")
     root = known.root.rstrip("/")
+    refuse_glob_characters("--root", root)
     preprocess, options = parse_preprocess_args(
         [*preprocess_args, "--output", manifest_lib.join(root, f"{RUNS}/_")])
     try:
@@ -189,6 +191,7 @@ def _vertex_config(known: argparse.Namespace, cloud: GoogleCloudOptions, root: s
         machine_type=known.vertex_machine_type,
         accelerator_type=known.vertex_accelerator_type,
         accelerator_count=known.vertex_accelerator_count,
+        replica_count=known.vertex_replica_count,
         boot_disk_gb=known.vertex_boot_disk_gb,
         service_account=cloud.service_account_email,
         network=known.vertex_network,

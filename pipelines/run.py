@@ -101,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
                         default=vertex.DEFAULT_ACCELERATOR_COUNT)
     group.add_argument("--vertex_boot_disk_gb", type=int,
                         default=vertex.DEFAULT_BOOT_DISK_GB)
+    group.add_argument("--vertex_replica_count", type=int, default=1,
+                        help="machines; more than one trains with MultiWorkerMirroredStrategy "
+                        "(Vertex sets TF_CONFIG; --batch_size stays the global batch)")
     group.add_argument("--vertex_region", help="default: --region")
     group.add_argument("--vertex_network", metavar="projects/NUMBER/global/networks/NAME",
                         help="VPC network peered with Vertex AI (default: none)")
@@ -190,6 +193,7 @@ def vertex_job(plan_: Plan) -> tuple[vertex.VertexConfig, aip.CustomJob]:
         machine_type=args.vertex_machine_type,
         accelerator_type=args.vertex_accelerator_type,
         accelerator_count=args.vertex_accelerator_count,
+        replica_count=args.vertex_replica_count,
         boot_disk_gb=args.vertex_boot_disk_gb,
         service_account=plan_.gcp.service_account_email,
         network=args.vertex_network,

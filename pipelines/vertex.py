@@ -62,6 +62,9 @@ class VertexConfig:
     machine_type: str = DEFAULT_MACHINE_TYPE
     accelerator_type: str = DEFAULT_ACCELERATOR  # an aiplatform_v1.AcceleratorType name, or none
     accelerator_count: int = DEFAULT_ACCELERATOR_COUNT
+    # Machines in all; more than one trains with MultiWorkerMirroredStrategy: pool 0 is the
+    # chief, pool 1 the other workers, and Vertex sets TF_CONFIG on each of them.
+    replica_count: int = 1
     boot_disk_gb: int = DEFAULT_BOOT_DISK_GB
     service_account: str | None = None
     network: str | None = None  # projects/NUMBER/global/networks/NAME (VPC peering)
@@ -96,10 +99,13 @@ def check_machine(machine_type: str, accelerator_type: str, count: int) -> None:
 
 
 def build_custom_job(config: VertexConfig, trainer_args: Sequence[str]) -> aip.CustomJob:
-    """The CustomJob: one replica of `config.machine_type` running the trainer with `trainer_args`.
+    """The CustomJob: `config.replica_count` machines of `config.machine_type` running the
+    trainer with `trainer_args` (the chief in worker pool 0, the others in pool 1).
 
     Raises SpecError for values Vertex would refuse that can be told here.
     """
+    if config.replica_count < 1:
+        raise SpecError("--vertex_replica_count must be at least 1")
     if not config.base_output_dir.startswith("gs://"):
         raise SpecError(f"Vertex AI writes to gs:// only, got {config.base_output_dir!r}")
     if not re.fullmatch(r"[^\s/]+(/[^\s/]+)*(:[\w][\w.-]{0,127}|@sha256:[0-9a-f]{64})?",
@@ -110,10 +116,11 @@ def build_custom_job(config: VertexConfig, trainer_args: Sequence[str]) -> aip.C
     if config.accelerator_type.lower() != "none":
         machine.accelerator_type = accelerator(config.accelerator_type)
         machine.accelerator_count = config.accelerator_count
-    spec = aip.CustomJobSpec(
-        worker_pool_specs=[aip.WorkerPoolSpec(
+
+    def pool(replicas: int) -> aip.WorkerPoolSpec:
+        return aip.WorkerPoolSpec(
             machine_spec=machine,
-            replica_count=1,
+            replica_count=replicas,
             disk_spec=aip.DiskSpec(boot_disk_type="pd-ssd", boot_disk_size_gb=config.boot_disk_gb),
             container_spec=aip.ContainerSpec(
                 image_uri=config.image_uri,
@@ -124,7 +131,11 @@ def build_custom_job(config: VertexConfig, trainer_args: Sequence[str]) -> aip.C
                 # Unbuffered: progress reaches Cloud Logging as it happens.
                 env=[aip.EnvVar(name="PYTHONUNBUFFERED", value="1")],
             ),
-        )],
+        )
+
+    pools = [pool(1)] + ([pool(config.replica_count - 1)] if config.replica_count > 1 else [])
+    spec = aip.CustomJobSpec(
+        worker_pool_specs=pools,
         base_output_directory=aip.GcsDestination(output_uri_prefix=config.base_output_dir),
     )
     if config.service_account:
@@ -181,11 +192,13 @@ def wait(name: str, client: aip.JobServiceClient, poll_s: float = 30.0,
 
 def describe(job: aip.CustomJob) -> str:
     """One line on what will run: machine, accelerator, image."""
-    pool = job.job_spec.worker_pool_specs[0]
-    machine = pool.machine_spec
+    pools = job.job_spec.worker_pool_specs
+    machine = pools[0].machine_spec
     gpu = (f" + {machine.accelerator_count} x {machine.accelerator_type.name}"
            if machine.accelerator_count else "")
-    return f"{machine.machine_type}{gpu}, image {pool.container_spec.image_uri}"
+    replicas = sum(p.replica_count for p in pools)
+    count = f"{replicas} x " if replicas > 1 else ""
+    return f"{count}{machine.machine_type}{gpu}, image {pools[0].container_spec.image_uri}"
 
 
 def as_dict(job: aip.CustomJob) -> dict:

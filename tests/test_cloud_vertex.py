@@ -38,7 +38,26 @@ def test_default_job_is_one_l4_gpu_running_the_trainer():
     assert vertex.parse_job_json(vertex.job_json(job)) == job
 
 
+def test_several_replicas_are_a_chief_pool_and_a_worker_pool_that_vertex_gives_tf_config():
+    job = vertex.build_custom_job(
+        _config(replica_count=3, machine_type="a2-highgpu-2g", accelerator_type="NVIDIA_TESLA_A100",
+                accelerator_count=2), ["--data", "gs://b/run/prep"])
+    chief, workers = job.job_spec.worker_pool_specs
+    assert (chief.replica_count, workers.replica_count) == (1, 2)
+    assert chief.machine_spec == workers.machine_spec
+    assert workers.machine_spec.accelerator_count == 2
+    assert chief.container_spec == workers.container_spec
+    assert vertex.parse_job_json(vertex.job_json(job)) == job
+    assert vertex.describe(job).startswith("3 x a2-highgpu-2g + 2 x NVIDIA_TESLA_A100")
+    # What Vertex sets on the second machine of pool 1: a worker after the chief.
+    from trainer.distribute import cluster_position
+    tf_config = ('{"cluster": {"chief": ["c:2222"], "worker": ["w0:2222", "w1:2222"]}, '
+                 '"task": {"type": "worker", "index": 1}}')
+    assert cluster_position({"TF_CONFIG": tf_config}) == (2, 3)
+
+
 @pytest.mark.parametrize("changes, message", [
+    ({"replica_count": 0}, "--vertex_replica_count must be at least 1"),
     ({"accelerator_type": "NVIDIA_TESLA_K9000"}, "unknown accelerator 'NVIDIA_TESLA_K9000'"),
     ({"machine_type": "g2-standard-8", "accelerator_type": "NVIDIA_TESLA_T4"},
      "g2-standard-8 carries NVIDIA_L4, not NVIDIA_TESLA_T4"),

@@ -4,7 +4,7 @@
         [--model small_cnn|mobilenet_v3_small|efficientnet_b0|resnet50|linear]
         [--learning_rate LR] [--shuffle_buffer 64MB] [--cache none|memory|PATH]
         [--mixed_precision auto|on|off] [--jit auto|on|off] [--warm_start PATH]
-        [--steps_per_execution N]
+        [--steps_per_execution N] [--cpu_replicas N]
 
 Vertex AI sets AIP_MODEL_DIR (where its model upload looks for the SavedModel),
 AIP_CHECKPOINT_DIR (kept across restarts of the job) and AIP_TENSORBOARD_LOG_DIR;
@@ -56,6 +56,9 @@ class TrainConfig:
     # Train steps per call into the compiled train function (Keras' steps_per_execution):
     # Keras' Python work per call (callbacks, metrics, dispatch) is spread over N batches.
     steps_per_execution: int = DEFAULT_STEPS_PER_EXECUTION
+    # >1: split this machine's CPU into that many logical devices and mirror the model over
+    # them (MirroredStrategy), to run the multi-device path without GPUs.
+    cpu_replicas: int = 1
 
 
 def parse_bytes(text: str) -> int:
@@ -97,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="train steps per call into the compiled train function "
                         f"(default {DEFAULT_STEPS_PER_EXECUTION}; fewer Python round trips, "
                         "callbacks see every Nth batch)")
+    parser.add_argument("--cpu_replicas", type=int, default=1,
+                        help="N > 1: mirror the model over N logical CPU devices "
+                        "(MirroredStrategy without GPUs: for trying and testing that path)")
     parser.add_argument("--warm_start", metavar="PATH",
                         help="checkpoint folder of an earlier run with the same --model and "
                         "labels: its weights start this run (ignored when resuming)")
@@ -116,6 +122,8 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
         raise UsageError("--learning_rate must be positive")
     if args.steps_per_execution < 1:
         raise UsageError("--steps_per_execution must be at least 1")
+    if args.cpu_replicas < 1:
+        raise UsageError("--cpu_replicas must be at least 1")
     return TrainConfig(
         data=args.data.rstrip("/"),
         model_dir=model_dir,
@@ -136,4 +144,5 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
         progress={"auto": None, "on": True, "off": False}[args.progress],
         warm_start=args.warm_start.rstrip("/") if args.warm_start else None,
         steps_per_execution=args.steps_per_execution,
+        cpu_replicas=args.cpu_replicas,
     )

@@ -2,10 +2,13 @@
 
 - TF_CONFIG naming more than one task -> MultiWorkerMirroredStrategy (it must be
   created before any other TensorFlow op, so `setup` is the first thing `train` does);
-- several local GPUs -> MirroredStrategy;
+- several local GPUs (or `cpu_replicas` > 1 logical CPU devices) -> MirroredStrategy;
 - otherwise the default strategy (one GPU, or the CPU).
+Several replicas train through `trainer.loop` (Keras' fit does not run there).
 Mixed precision (mixed_float16) and XLA are on by default only on a GPU: on a CPU
-float16 is slower than float32 and XLA's compile time is not paid back.
+float16 is slower than float32 and XLA's compile time is not paid back. With several
+replicas XLA is off: the replicas' steps and their all-reduce are not compiled as one
+program by `strategy.run`, and that combination is untested here.
 """
 
 from __future__ import annotations
@@ -59,12 +62,18 @@ def _resolve(switch: str, on_gpu: bool) -> bool:
 
 
 def setup(mixed_precision: str = "auto", jit: str = "auto",
-          environ: Mapping[str, str] | None = None) -> Runtime:
+          environ: Mapping[str, str] | None = None, cpu_replicas: int = 1) -> Runtime:
     """Picks the strategy and sets the global Keras dtype policy. Call once, first."""
     environ = os.environ if environ is None else environ
     worker_index, num_workers = cluster_position(environ)
     if num_workers > 1:
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    elif cpu_replicas > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas)
+        strategy = tf.distribute.MirroredStrategy(
+            [device.name for device in tf.config.list_logical_devices("CPU")])
     else:
         gpus = tf.config.list_physical_devices("GPU")
         strategy = (tf.distribute.MirroredStrategy() if len(gpus) > 1
@@ -77,6 +86,10 @@ def setup(mixed_precision: str = "auto", jit: str = "auto",
     )
     use_mixed = _resolve(mixed_precision, fast_fp16)
     use_jit = _resolve(jit, bool(gpus))
+    if use_jit and strategy.num_replicas_in_sync > 1:
+        log.warning("XLA is off with %d replicas: the distributed loop is not compiled with "
+                    "XLA (see trainer.loop)", strategy.num_replicas_in_sync)
+        use_jit = False
     keras.config.set_dtype_policy("mixed_float16" if use_mixed else "float32")
     log.info("strategy %s, %d replica(s), worker %d/%d, mixed precision %s, XLA %s",
              type(strategy).__name__, strategy.num_replicas_in_sync, worker_index, num_workers,

@@ -189,13 +189,33 @@ def _options(deterministic: bool, shard_by_data: bool) -> tf.data.Options:
 
 def worker_shards(shards: tuple[Shard, ...], worker_index: int, num_workers: int
                   ) -> tuple[tuple[Shard, ...], bool]:
-    """This worker's shards, and whether tf.distribute must split the data instead
-    (fewer shards than workers)."""
+    """This worker's shards, and whether the worker must take every num_workers-th
+    record of all of them instead (fewer shards than workers)."""
     if num_workers <= 1:
         return shards, False
     if len(shards) < num_workers:
         return shards, True
     return shards[worker_index::num_workers], False
+
+
+def worker_epoch_records(spec: DataSpec, split: str, seed: int, epoch: tf.Tensor | int,
+                         worker_index: int = 0, num_workers: int = 1) -> tf.data.Dataset:
+    """This worker's serialized records of one epoch, each once, uniform over its examples:
+    its own shards, or with fewer shards than workers every num_workers-th record of all
+    (the same seeded order on every worker, so the workers' records are disjoint and
+    together the whole split)."""
+    shards, by_record = worker_shards(spec.splits[split], worker_index, num_workers)
+    if not shards:
+        raise ValueError(f"split {split!r} has no examples")
+    records_ = epoch_records(shards, _epoch_seed(seed, epoch))
+    return records_.shard(num_workers, worker_index) if by_record else records_
+
+
+def worker_examples(spec: DataSpec, split: str, worker_index: int, num_workers: int) -> int:
+    """How many records `worker_epoch_records` gives this worker per epoch."""
+    shards, by_record = worker_shards(spec.splits[split], worker_index, num_workers)
+    total = sum(s.num_examples for s in shards)
+    return len(range(worker_index, total, num_workers)) if by_record else total
 
 
 def train_dataset(
@@ -217,17 +237,18 @@ def train_dataset(
     by the shuffle buffer (bytes), the read buffers and a few batches in flight, never
     by the number of examples (unless `cache` is "memory").
     """
-    shards, shard_by_data = worker_shards(spec.splits[split], worker_index, num_workers)
-    if not shards:
+    examples = worker_examples(spec, split, worker_index, num_workers)
+    if not examples:
         raise ValueError(f"split {split!r} has no examples")
-    examples = sum(s.num_examples for s in shards)
 
     def parse(serialized):
         return parse_batch(serialized, spec)
 
+    def one_epoch(epoch):
+        return worker_epoch_records(spec, split, seed, epoch, worker_index, num_workers)
+
     if cache == "none":
-        records_ = tf.data.Dataset.counter(start_epoch).flat_map(
-            lambda epoch: epoch_records(shards, _epoch_seed(seed, epoch)))
+        records_ = tf.data.Dataset.counter(start_epoch).flat_map(one_epoch)
         # The buffer holds serialized records (~ the stored JPEG), sized in bytes so a
         # switch to 512 px images does not quietly multiply its memory; at most an epoch.
         buffer = max(1, min(examples, int(shuffle_buffer_bytes / spec.record_bytes(split))))
@@ -240,7 +261,7 @@ def train_dataset(
         )
     else:
         decoded = (
-            epoch_records(shards, _epoch_seed(seed, 0))
+            one_epoch(0)
             .batch(batch_size)
             .map(parse, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
             .unbatch()
@@ -249,7 +270,8 @@ def train_dataset(
         buffer = max(1, min(examples, shuffle_buffer_bytes // (spec.height * spec.width * 3)))
         batches = (decoded.repeat().shuffle(buffer, seed=seed * 1_000_003 + start_epoch)
                    .batch(batch_size, drop_remainder=True))
-    return batches.prefetch(AUTOTUNE).with_options(_options(deterministic, shard_by_data))
+    # Each worker already reads only its own records: tf.distribute must not split again.
+    return batches.prefetch(AUTOTUNE).with_options(_options(deterministic, False))
 
 
 def _cache_file(cache: str, split: str, worker_index: int) -> str:

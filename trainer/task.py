@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         metrics = train.run(config)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except train.Preempted as err:

@@ -29,9 +29,9 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 from pipelines.manifest import read_manifest
-from trainer import checkpoints, distribute, serving
+from trainer import checkpoints, distribute, loop, serving
 from trainer import input as input_lib
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, UsageError
 from trainer.model import make_model
 
 log = logging.getLogger(__name__)
@@ -148,11 +148,18 @@ def stop_on_sigterm():
 
 def run(config: TrainConfig) -> dict:
     """Trains, evaluates and exports as `config` says; returns the metrics it wrote."""
-    runtime = distribute.setup(config.mixed_precision, config.jit)
+    runtime = distribute.setup(config.mixed_precision, config.jit,
+                               cpu_replicas=config.cpu_replicas)
     spec, trained_on = load_data(config)
     norm = load_normalization(spec)
     keras.utils.set_random_seed(config.seed)
     steps = input_lib.steps_per_epoch(spec.num_examples("train"), config.batch_size)
+    several_replicas = runtime.num_replicas > 1
+    if several_replicas:
+        try:
+            loop.per_replica_batch(config.batch_size, runtime.num_replicas)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
     with runtime.strategy.scope():
         model = make_model(config.model, (spec.height, spec.width, 3), len(spec.labels),
                            norm["mean"], norm["std"])
@@ -161,6 +168,9 @@ def run(config: TrainConfig) -> dict:
                       jit_compile=runtime.jit,
                       steps_per_execution=min(config.steps_per_execution, steps))
         model.optimizer.build(model.trainable_variables)  # slots exist before a restore
+    # Keras' fit does not run with several replicas (trainer.loop says why).
+    trainer = (loop.DistributedTrainer(model, runtime.strategy, config.batch_size)
+               if several_replicas else None)
     state = checkpoints.TrainingState(model, config.checkpoint_dir, runtime, trained_on)
     resumed_from, history = state.restore()
     warm_started = warm_start(model, _warm_start_source(config)) if (
@@ -170,11 +180,6 @@ def run(config: TrainConfig) -> dict:
                     config.checkpoint_dir)
     has = {split: spec.num_examples(split) > 0 for split in ("validation", "test")}
     if resumed_from < config.epochs:
-        train = input_lib.train_dataset(
-            spec, config.batch_size, seed=config.seed, start_epoch=resumed_from,
-            shuffle_buffer_bytes=config.shuffle_buffer_bytes, cache=config.cache,
-            worker_index=runtime.worker_index, num_workers=runtime.num_workers,
-            deterministic=config.deterministic)
         validation = (input_lib.eval_dataset(spec, "validation", config.batch_size)
                       if has["validation"] else None)
         with stop_on_sigterm() as stop:
@@ -182,13 +187,22 @@ def run(config: TrainConfig) -> dict:
             if runtime.is_chief:
                 callbacks.append(EpochSummaries(config.tensorboard_dir, history))
             progress = sys.stdout.isatty() if config.progress is None else config.progress
-            model.fit(train, epochs=config.epochs, initial_epoch=resumed_from,
-                      steps_per_epoch=steps, validation_data=validation, callbacks=callbacks,
-                      shuffle=False,  # the dataset shuffles; Keras cannot shuffle a stream
-                      verbose=1 if progress else 2)
+            if trainer:
+                trainer.fit(_train_input(config, spec, resumed_from), epochs=config.epochs,
+                            initial_epoch=resumed_from, steps_per_epoch=steps,
+                            validation=validation, callbacks=callbacks,
+                            verbose=runtime.is_chief,
+                            steps_per_execution=min(config.steps_per_execution, steps))
+            else:
+                train = _train_input(config, spec, resumed_from)(None)
+                model.fit(train, epochs=config.epochs, initial_epoch=resumed_from,
+                          steps_per_epoch=steps, validation_data=validation,
+                          callbacks=callbacks,
+                          shuffle=False,  # the dataset shuffles; Keras cannot shuffle a stream
+                          verbose=1 if progress else 2)
     evaluation = {
-        split: _rounded(model.evaluate(input_lib.eval_dataset(spec, split, config.batch_size),
-                                       return_dict=True, verbose=0))
+        split: _rounded(_evaluate(model, trainer,
+                                  input_lib.eval_dataset(spec, split, config.batch_size)))
         for split in ("validation", "test") if has[split]
     }
     _export(model, spec, config, runtime)
@@ -218,6 +232,28 @@ def run(config: TrainConfig) -> dict:
     if runtime.is_chief:
         _write_json(f"{config.model_dir}/metrics.json", metrics)
     return metrics
+
+
+def _train_input(config: TrainConfig, spec: input_lib.DataSpec, start_epoch: int):
+    """A function of tf.distribute's InputContext (None: one replica) -> this input
+    pipeline's endless train batches: per-replica batches of its own shards."""
+    def dataset(context: tf.distribute.InputContext | None) -> tf.data.Dataset:
+        batch, worker, workers = config.batch_size, 0, 1
+        if context is not None:
+            batch = context.get_per_replica_batch_size(config.batch_size)
+            worker, workers = context.input_pipeline_id, context.num_input_pipelines
+        return input_lib.train_dataset(
+            spec, batch, seed=config.seed, start_epoch=start_epoch,
+            shuffle_buffer_bytes=config.shuffle_buffer_bytes, cache=config.cache,
+            worker_index=worker, num_workers=workers, deterministic=config.deterministic)
+    return dataset
+
+
+def _evaluate(model: keras.Model, trainer: loop.DistributedTrainer | None,
+              dataset: tf.data.Dataset) -> dict:
+    if trainer:
+        return trainer.evaluate(dataset)
+    return model.evaluate(dataset, return_dict=True, verbose=0)
 
 
 def warm_start(model: keras.Model, directory: str) -> str:
@@ -255,8 +291,11 @@ def _steady_rate(history: list[dict]) -> float | None:
 
 def _export(model: keras.Model, spec: input_lib.DataSpec, config: TrainConfig,
             runtime: distribute.Runtime) -> None:
-    path = config.saved_model_dir if runtime.is_chief else (
-        f"{config.model_dir}/workertemp_{runtime.worker_index}/saved_model")
+    # Every worker saves (the variables may need collectives); only the chief's copy stays,
+    # the others write into a folder of their own and remove it (TensorFlow's multi-worker
+    # guide).
+    temporary = f"{config.model_dir}/workertemp_{runtime.worker_index}"
+    path = config.saved_model_dir if runtime.is_chief else f"{temporary}/saved_model"
     for name in _SAVED_MODEL_ENTRIES:  # a rerun replaces the model, not its neighbours
         entry = f"{path}/{name}"
         if tf.io.gfile.isdir(entry):
@@ -266,7 +305,7 @@ def _export(model: keras.Model, spec: input_lib.DataSpec, config: TrainConfig,
     serving.export(model, path, spec.labels, spec.height, spec.width, spec.resize,
                    spec.max_pixels)
     if not runtime.is_chief:
-        tf.io.gfile.rmtree(path)
+        tf.io.gfile.rmtree(temporary)
 
 
 def _write_json(path: str, value: dict) -> None:
