@@ -24,14 +24,14 @@ lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install --quiet --upgrade pip
 	$(LOCK_VENV)/bin/pip install --quiet -e '.[dev]'
-	$(LOCK_VENV)/bin/python -m pipelines.packaging lock
+	$(LOCK_VENV)/bin/python -m pipelines.cloud.packaging lock
 	rm -rf $(LOCK_VENV)
 
 test: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) -m pipelines.demo
+	$(PY) -m tests.support.demo
 
 bench: install
 	$(PY) -m tests.benchmarks.run

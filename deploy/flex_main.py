@@ -7,7 +7,7 @@ folder first on sys.path, and pipelines/ holds modules named like the standard l
 
 import sys
 
-from pipelines.flex import main
+from pipelines.cloud.flex import main
 
 if __name__ == "__main__":
     sys.exit(main())

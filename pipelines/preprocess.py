@@ -3,8 +3,9 @@
     python -m pipelines.preprocess --input gs://bucket/raw --output gs://bucket/prep
     python -m pipelines.preprocess --labels labels.csv --output out/ --image_size 224,160
 
-`build_pipeline` returns the unrun pipeline; `run` lists the input, claims the
-output, runs, and prints the accounting.
+The command: `run` lists the input, claims the output, runs the pipeline
+(`pipelines.preprocessing.pipeline.build_pipeline`) and prints the accounting; exit codes
+are in `run`'s docstring.
 """
 
 from __future__ import annotations
@@ -22,176 +23,26 @@ import shutil
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Sequence
 
-import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipelines import analysis_process, dataflow, ownership, stats_phase
-from pipelines import manifest as manifest_lib
-from pipelines.options import (
-    PreprocessConfig,
-    UsageError,
-    decode_threads,
-    local_runner,
-    parse_args,
+from pipelines.cloud import dataflow
+from pipelines.contract import manifest as manifest_lib
+from pipelines.contract import ownership
+from pipelines.local import analysis_process
+from pipelines.local.progress import ProgressPrinter
+from pipelines.preprocessing import output as output_lib
+from pipelines.preprocessing.options import PreprocessConfig, UsageError, parse_args
+from pipelines.preprocessing.pipeline import (
+    LOCAL_RUNNERS,
+    build_pipeline,
+    check_reuse,
+    label_vocabulary,
+    list_input,
 )
-from pipelines.progress import ProgressPrinter
-from pipelines.sources import InputError, Listing, list_class_folders, list_labels_csv
-from pipelines.transforms import (
-    ERRORS_TAG,
-    DecodeSourceFn,
-    MergeDuplicates,
-    ReadReuseIndex,
-    WriteShards,
-)
-
-LOCAL_RUNNERS = ("DirectRunner", "direct", "FnApiRunner", "BundleBasedDirectRunner")
-
-
-def list_input(config: PreprocessConfig) -> Listing:
-    """The files to read, from the CSV if given, else from the class folders."""
-    if config.labels_csv:
-        # With --input too, the CSV's uris must lie under it (default: the CSV's folder).
-        return list_labels_csv(config.labels_csv, allowed_root=config.input)
-    return list_class_folders(config.input)
-
-
-def label_vocabulary(listing: Listing) -> list[str]:
-    """Sorted labels of every listed image: label id = index (stable across reruns)."""
-    return sorted({label for source in listing.sources for label in source.labels})
-
-
-def build_pipeline(
-    config: PreprocessConfig,
-    options: PipelineOptions,
-    listing: Listing,
-    progress_dir: str | None = None,
-    baseline: bytes | None = None,
-    statistics: bool = True,
-    analysis: str | None = None,
-) -> beam.Pipeline:
-    """The whole job as an unrun pipeline over `listing`, writing to `config.output`.
-
-    `baseline`: serialized statistics to compare with (default: read from
-    `config.baseline_stats`). `statistics=False` leaves out the statistics phase
-    (statistics, tf.Transform, drift, report): for measuring what it costs.
-    `analysis`: the token of a started `analysis_process.AnalysisProcess` (local
-    in-memory runs) to run tf.Transform in; None runs it inside the pipeline.
-    """
-    started = time.time()
-    labels = label_vocabulary(listing)
-    # The steps after decoding capture these totals, not the listing: Beam pickles (and
-    # bz2-compresses) a step's closure each time it builds or runs it (~0.3 s a step at
-    # 16,000 files when they captured every SourceFile).
-    listing_counts = listing.counts()
-    spill_dir = manifest_lib.join(config.output, f"_tmp/spill-{uuid.uuid4().hex[:8]}")
-    pipeline = beam.Pipeline(runner=local_runner(options), options=options)
-    # Create reshuffles its elements (a fusion break): the files are spread over the
-    # workers before the expensive step; a second Reshuffle here only cost one more encode
-    # and shuffle of the whole listing.
-    listed = pipeline | "ListedFiles" >> beam.Create(listing.sources, reshuffle=True)
-    if dataflow.is_classic_template(options):
-        # Each run of a classic template is this same job: it may write only while the
-        # claim the build made is still there, i.e. once.
-        listed = listed | "CheckTemplateClaim" >> beam.ParDo(
-            CheckClaimOnce(config.output, config.run_id))
-    decoded = (
-        listed
-        | "Decode" >> beam.ParDo(DecodeSourceFn(config.image, spill_dir, progress_dir,
-                                                decode_threads(config, options)),
-                                 **_reuse_side_input(pipeline, config))
-        .with_outputs(ERRORS_TAG, main="images")
-    )
-    unique = decoded.images | "MergeDuplicates" >> MergeDuplicates(config)
-    shards = unique | "WriteShards" >> WriteShards(config, labels)
-    duplicates = (
-        unique
-        | "DuplicateCounts" >> beam.Map(lambda u: (len(u.uris) - 1, int(u.label_conflict)))
-        | "SumCounts" >> beam.CombineGlobally(lambda rows: tuple(map(sum, zip(*rows, strict=True)))
-                                               if rows else (0, 0))
-    )
-    if statistics:
-        if baseline is None and config.baseline_stats:
-            baseline = stats_phase.load_baseline(config.baseline_stats)
-        # {statistics, anomalies, report, transform_output, timings}, once all are written
-        extras = stats_phase.add_statistics(
-            pipeline, config, listing_counts, labels, unique=unique, shards=shards,
-            errors=decoded[ERRORS_TAG], duplicate_counts=duplicates, baseline=baseline,
-            local_runner=options.view_as(StandardOptions).runner in LOCAL_RUNNERS,
-            started=started, analysis=analysis,
-        )
-    else:
-        extras = pipeline | "NoStatistics" >> beam.Create([])
-
-    def finalize(_, shard_infos, errors, counts, extras):
-        duplicate_count, conflict_count = counts[0] if counts else (0, 0)
-        manifest = manifest_lib.build_manifest(
-            config, listing_counts, labels, shard_infos, errors, duplicate_count, conflict_count,
-            extra=extras[0] if extras else None,
-        )
-        manifest_lib.write_outputs(config, manifest, errors, shard_infos)
-
-    _ = (
-        pipeline
-        | "Finalize" >> beam.Create([None])
-        | "WriteManifestLast" >> beam.Map(
-            finalize,
-            shard_infos=beam.pvalue.AsList(shards),
-            errors=beam.pvalue.AsList(decoded[ERRORS_TAG]),
-            counts=beam.pvalue.AsList(duplicates),
-            extras=beam.pvalue.AsList(extras),
-        )
-    )
-    return pipeline
-
-
-class CheckClaimOnce(beam.DoFn):
-    """Passes elements through once the output's claim is found to name `run_id`
-    (checked once per DoFn instance, before the first element is decoded)."""
-
-    def __init__(self, output: str, run_id: str | None):
-        self._output, self._run_id = output, run_id
-
-    def setup(self):
-        try:
-            ownership.check_still_ours(self._output, self._run_id or "")
-        except ownership.ClaimLost as err:
-            raise ownership.ClaimLost(
-                f"this classic template's output {self._output} was claimed when the template "
-                f"was built, and that claim is gone or another run's ({err}): the template has "
-                "already run. Build it again, or use the Flex Template, to run again."
-            ) from err
-
-    def process(self, element):
-        yield element
-
-
-def _reuse_side_input(pipeline: beam.Pipeline, config: PreprocessConfig) -> dict:
-    """{"reuse": sha256 -> ReuseEntry of the --reuse_from output}; {} without one.
-
-    No empty side input when there is nothing to reuse: Beam looks a side input up for
-    every element (~90 us each, 1.5 s of a 16,000-image run)."""
-    if not config.reuse_from:
-        return {}
-    index = pipeline | "ReuseIndex" >> ReadReuseIndex(config.reuse_from, manifest_lib.INDEX_PATH)
-    return {"reuse": beam.pvalue.AsDict(index)}
-
-
-def check_reuse(config: PreprocessConfig) -> PreprocessConfig:
-    """Drops --reuse_from when that output stored images another way (or is incomplete)."""
-    if not config.reuse_from:
-        return config
-    try:
-        earlier = manifest_lib.read_manifest(config.reuse_from)
-    except FileNotFoundError as err:
-        raise UsageError(f"--reuse_from: {err}") from err
-    if earlier["config"]["image"] != config.to_json()["image"] or "index_path" not in earlier:
-        print(f"[preprocess] {config.reuse_from} stored images with another config; "
-              "decoding everything", file=sys.stderr)
-        return dataclasses.replace(config, reuse_from=None)
-    return config
+from pipelines.preprocessing.sources import InputError, Listing
+from pipelines.stats import phase as stats_phase
 
 
 class _OwnFailuresFilter(logging.Filter):
@@ -222,14 +73,14 @@ def run(argv: Sequence[str] | None = None) -> int:
 def _run(config: PreprocessConfig, options: PipelineOptions, analysis: str | None) -> int:
     try:
         # Before anything is read or deleted: an output overlapping an input is refused.
-        ownership.refuse_overlaps(config.output, manifest_lib.input_paths(config))
+        ownership.refuse_overlaps(config.output, output_lib.input_paths(config))
         options = dataflow.prepare(config, options)  # checks; what Dataflow workers install
         listing = list_input(config)
         config = check_reuse(config)
         baseline = (stats_phase.load_baseline(config.baseline_stats)
                     if config.baseline_stats else None)
         config = dataclasses.replace(config, run_id=ownership.new_run_id())
-        claim = manifest_lib.prepare_output(
+        claim = output_lib.prepare_output(
             config, lease_s=(ownership.LEASE_S if dataflow.waits_for_job(options)
                              else ownership.UNFOLLOWED_LEASE_S))
     except (UsageError, InputError) as err:
@@ -286,7 +137,7 @@ def _run_claimed(config: PreprocessConfig, options: PipelineOptions, analysis: s
 def _failed_run(err: BaseException | None) -> str | None:
     """The one-line story of a run that failed for a reason of ours (too many dead
     letters, its claim taken over), else None: an unexpected error keeps its traceback."""
-    ours = (manifest_lib.TooManyErrors, ownership.ClaimLost)
+    ours = (output_lib.TooManyErrors, ownership.ClaimLost)
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))

@@ -14,7 +14,7 @@ Flags are routed by name: the trainer's (trainer/config.py) go to `python -m tra
 this command's own (below) stay here, everything else goes to `python -m
 pipelines.preprocess`, which checks it. Both steps run as child processes whose output is
 streamed as it comes; with the DataflowRunner the preprocess step waits for the Dataflow
-job. `--trainer vertex` submits a CustomJob (pipelines/vertex.py) and follows it.
+job. `--trainer vertex` submits a CustomJob (pipelines/cloud/vertex.py) and follows it.
 
 Rerunning the same command resumes: a complete prep/ made with the same settings is reused
 (pass --overwrite to redo it) and the trainer continues from its last checkpoint.
@@ -36,10 +36,10 @@ from collections.abc import Sequence
 from apache_beam.options.pipeline_options import GoogleCloudOptions
 from google.cloud import aiplatform_v1 as aip
 
-from pipelines import dataflow, vertex
-from pipelines import options as preprocess_options
-from pipelines.manifest import join, read_manifest
-from pipelines.options import PreprocessConfig, UsageError
+from pipelines.cloud import dataflow, vertex
+from pipelines.contract.manifest import join, read_manifest
+from pipelines.preprocessing import options as preprocess_options
+from pipelines.preprocessing.options import PreprocessConfig, UsageError
 
 PREP_DIR = "prep"
 MODEL_DIR = "model"
@@ -89,27 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry_run", action="store_true",
                         help="check everything and print the plan (the Vertex AI job as JSON "
                         "on stdout); run and submit nothing")
-    group = parser.add_argument_group("Vertex AI (--trainer vertex)")
-    group.add_argument("--trainer_image", metavar="URI",
-                        help="the trainer image (deploy/Dockerfile --target trainer)")
-    group.add_argument("--vertex_machine_type", default=vertex.DEFAULT_MACHINE_TYPE,
-                        help=f"default {vertex.DEFAULT_MACHINE_TYPE}")
-    group.add_argument("--vertex_accelerator_type", default=vertex.DEFAULT_ACCELERATOR,
-                        help=f"an AcceleratorType name or none (default "
-                        f"{vertex.DEFAULT_ACCELERATOR})")
-    group.add_argument("--vertex_accelerator_count", type=int,
-                        default=vertex.DEFAULT_ACCELERATOR_COUNT)
-    group.add_argument("--vertex_boot_disk_gb", type=int,
-                        default=vertex.DEFAULT_BOOT_DISK_GB)
-    group.add_argument("--vertex_replica_count", type=int, default=1,
-                        help="machines; more than one trains with MultiWorkerMirroredStrategy "
-                        "(Vertex sets TF_CONFIG; --batch_size stays the global batch)")
-    group.add_argument("--vertex_region", help="default: --region")
-    group.add_argument("--vertex_network", metavar="projects/NUMBER/global/networks/NAME",
-                        help="VPC network peered with Vertex AI (default: none)")
-    group.add_argument("--vertex_timeout_hours", type=float,
-                        help="stop the job after this long (default: Vertex's, 7 days)")
-    group.add_argument("--vertex_display_name", help="default imagebeam-train-<time>")
+    vertex.add_arguments(parser)
+    group = parser.add_argument_group("following the job")
     group.add_argument("--no_wait", action="store_true",
                         help="return once the job is submitted instead of following it")
     return parser
@@ -175,35 +156,14 @@ def _check_trainer_flags(plan_: Plan) -> None:
 
 def vertex_job(plan_: Plan) -> tuple[vertex.VertexConfig, aip.CustomJob]:
     """(VertexConfig, aiplatform_v1.CustomJob) of this plan; raises UsageError."""
-    args = plan_.args
-    region = args.vertex_region or plan_.gcp.region
-    missing = [flag for flag, value in (("--trainer_image", args.trainer_image),
-                                        ("--project", plan_.gcp.project),
-                                        ("--region (or --vertex_region)", region)) if not value]
-    if missing:
-        raise UsageError(f"--trainer vertex needs {', '.join(missing)}")
-    if not args.output.startswith("gs://"):
-        raise UsageError("--trainer vertex needs a gs:// --output (the job reads prep/ and "
-                         "writes model/ there)")
-    config = vertex.VertexConfig(
-        project=plan_.gcp.project,
-        region=region,
-        image_uri=args.trainer_image,
-        base_output_dir=plan_.model_dir,
-        machine_type=args.vertex_machine_type,
-        accelerator_type=args.vertex_accelerator_type,
-        accelerator_count=args.vertex_accelerator_count,
-        replica_count=args.vertex_replica_count,
-        boot_disk_gb=args.vertex_boot_disk_gb,
-        service_account=plan_.gcp.service_account_email,
-        network=args.vertex_network,
-        display_name=args.vertex_display_name,
-        timeout_hours=args.vertex_timeout_hours,
-    )
     try:
+        config = vertex.config_from_args(
+            plan_.args, project=plan_.gcp.project, region=plan_.gcp.region,
+            service_account=plan_.gcp.service_account_email, base_output_dir=plan_.model_dir,
+            where="--output", trainer_args=plan_.trainer_args())
         return config, vertex.build_custom_job(config, plan_.trainer_args())
-    except (vertex.SpecError, ValueError, TypeError) as err:
-        raise UsageError(f"Vertex AI job: {err}") from err
+    except vertex.SpecError as err:
+        raise UsageError(str(err)) from err
 
 
 def reusable_prep(config: PreprocessConfig) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipelines.demo_data import make_demo_images
+from tests.support.demo_data import make_demo_images
 
 ROTATIONS = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90,
              8: Image.Transpose.ROTATE_270}  # stored so that EXIF `orientation` makes it upright

@@ -44,8 +44,8 @@ import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
 
-from pipelines import gcs_emulator
-from pipelines.gcs_emulator import GcsEmulator
+from tests.support import gcs_emulator
+from tests.support.gcs_emulator import GcsEmulator
 
 FAILURE_KINDS = ("503", "429", "reset", "reset_after", "cut_body")
 _VOLATILE = re.compile(r"[0-9a-f]{8,}|upload_id=[^&]+")

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import gate, retrain
 from pipelines import run as run_lib
-from pipelines.demo_data import make_demo_images
-from pipelines.options import UsageError
+from pipelines.preprocessing.options import UsageError
+from pipelines.retraining import gate
+from pipelines.retraining import tick as retrain
+from tests.support.demo_data import make_demo_images
 
 REPO = Path(__file__).resolve().parents[1]
 AIRFLOW_BIN = REPO / ".venv-airflow" / "bin"

@@ -23,8 +23,9 @@ import pytest
 import tensorflow  # noqa: F401 - loaded, as in every test process here
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import analysis_process, analyzers
-from pipelines.manifest import read_manifest
+from pipelines.contract import transform_output
+from pipelines.contract.manifest import read_manifest
+from pipelines.local import analysis_process
 from tests import stats_outputs
 
 
@@ -39,7 +40,8 @@ def analysis_outcome(*, setup: str = "", before_submit: str = "", instances: str
     {"outcome": "no error" or the AnalysisFailed message, "left": work folder remains}."""
     done = run_python(f"""
         import json, os, time
-        from pipelines import analysis_process, analyzers
+        from pipelines.local import analysis_process
+        from pipelines.stats import analyzers
         {setup}
         analysis = analysis_process.AnalysisProcess.start()
         {before_submit}
@@ -89,8 +91,8 @@ def test_the_command_analyzes_in_a_second_process_and_never_loads_tensorflow(out
 
 def test_second_process_output_equals_the_in_pipeline_output(outputs):
     out, in_pipeline, _ = outputs
-    apart = analyzers.normalization_from_transform_output(str(out / "transform_output"))
-    inside = analyzers.normalization_from_transform_output(
+    apart = transform_output.normalization_from_transform_output(str(out / "transform_output"))
+    inside = transform_output.normalization_from_transform_output(
         str(in_pipeline / "transform_output"))
     np.testing.assert_allclose(apart["mean"], inside["mean"], rtol=1e-6)
     np.testing.assert_allclose(apart["std"], inside["std"], rtol=1e-6)
@@ -140,7 +142,7 @@ def test_a_process_running_other_threads_is_not_forked():
     done = run_python("""
         import threading
         from apache_beam.options.pipeline_options import PipelineOptions
-        from pipelines import analysis_process
+        from pipelines.local import analysis_process
         options = PipelineOptions(["--runner", "DirectRunner"])
         alone = analysis_process.useful(options)
         stop = threading.Event()
@@ -182,7 +184,7 @@ def test_a_failure_before_go_reaches_the_user_with_its_traceback():
 def test_the_child_dies_with_a_killed_parent(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
         import sys, time
-        from pipelines import analysis_process
+        from pipelines.local import analysis_process
         analysis = analysis_process.AnalysisProcess.start()
         print(analysis._process.pid, analysis.work_dir, flush=True)
         time.sleep(600)
@@ -202,7 +204,7 @@ def test_gs_output_gets_the_second_process_transform(outputs, tmp_path_factory):
     (tf.Transform's own writer could not reach the emulator)."""
     from apache_beam.io.filesystems import FileSystems
 
-    from pipelines.gcs_emulator import GcsEmulator
+    from tests.support.gcs_emulator import GcsEmulator
 
     _, in_pipeline, _ = outputs
     raw, _ = stats_outputs.raw_corpus(tmp_path_factory)

@@ -8,11 +8,12 @@ import tensorflow_transform as tft
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines import analyzers, records
-from pipelines.imaging import ImageFormat, ImageSpec, process_image
-from pipelines.manifest import read_manifest
-from pipelines.spill import SpillRef
-from pipelines.transforms import UniqueImage
+from pipelines.contract import records, transform_output
+from pipelines.contract.imaging import ImageFormat, ImageSpec, process_image
+from pipelines.contract.manifest import read_manifest
+from pipelines.preprocessing.spill import SpillRef
+from pipelines.preprocessing.transforms import UniqueImage
+from pipelines.stats import analyzers
 from tests import corpus, stats_outputs
 
 SPEC = ImageSpec(12, 16, image_format=ImageFormat.RAW)
@@ -58,7 +59,7 @@ def golden(tmp_path_factory):
 
 def test_mean_and_std_equal_numpy_on_the_train_pixels(golden):
     path, pixels = golden
-    numbers = analyzers.normalization_from_transform_output(str(path))
+    numbers = transform_output.normalization_from_transform_output(str(path))
     assert numbers["mean"].dtype == np.float32 and numbers["mean"].shape == (3,)
     np.testing.assert_allclose(numbers["mean"], pixels.mean(axis=0), rtol=1e-5)
     np.testing.assert_allclose(numbers["std"], pixels.std(axis=0), rtol=1e-4)
@@ -66,7 +67,7 @@ def test_mean_and_std_equal_numpy_on_the_train_pixels(golden):
 
 def test_vocabulary_counts_each_label_once_per_train_image(golden):
     path, _ = golden
-    numbers = analyzers.normalization_from_transform_output(str(path))
+    numbers = transform_output.normalization_from_transform_output(str(path))
     assert numbers["label_frequencies"] == {"cat": 3, "sea lion": 1, "dog": 1}
     assert numbers["labels"] == ["cat", "dog", "sea lion"]
     output = tft.TFTransformOutput(str(path))  # what the trainer loads
@@ -76,7 +77,7 @@ def test_vocabulary_counts_each_label_once_per_train_image(golden):
 
 def test_empty_train_split_gives_zeros_and_no_labels(golden):
     path, _ = golden
-    numbers = analyzers.normalization_from_transform_output(str(path.parent / "empty" /
+    numbers = transform_output.normalization_from_transform_output(str(path.parent / "empty" /
                                                                 analyzers.TRANSFORM_OUTPUT))
     assert numbers["labels"] == [] and numbers["label_frequencies"] == {}
     assert numbers["mean"].tolist() == [0, 0, 0] and numbers["std"].tolist() == [0, 0, 0]
@@ -84,7 +85,7 @@ def test_empty_train_split_gives_zeros_and_no_labels(golden):
 
 def test_frequency_vocabulary_lines_parse():
     lines = [b"12 cat\n", b"3 sea__SPACE__lion\n", b"\n"]
-    assert analyzers.parse_frequency_vocabulary(lines) == {"cat": 12, "sea lion": 3}
+    assert transform_output.parse_frequency_vocabulary(lines) == {"cat": 12, "sea lion": 3}
 
 
 def test_train_split_is_train_else_the_first():
@@ -96,7 +97,7 @@ def test_pipeline_output_normalization_matches_the_written_train_pixels(tmp_path
     """End to end: PNG shards hold exactly the pixels the analyzers summed."""
     out = stats_outputs.base_output(tmp_path_factory)
     manifest = read_manifest(str(out))
-    numbers = analyzers.normalization_from_transform_output(
+    numbers = transform_output.normalization_from_transform_output(
         str(out / manifest["transform_output"]))
     pixels, labels = [], []
     for shard in manifest["splits"]["train"]["shards"]:

@@ -17,11 +17,12 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, 
 from apache_beam.portability import common_urns
 from apache_beam.portability.api import beam_runner_api_pb2
 
-from pipelines import dataflow, packaging, preprocess
-from pipelines.demo_data import make_demo_images
-from pipelines.gcs_emulator import GcsEmulator
-from pipelines.gcs_emulator_tf import TensorFlowGcsBridge
-from pipelines.options import parse_args
+from pipelines import preprocess
+from pipelines.cloud import dataflow, packaging
+from pipelines.preprocessing.options import parse_args
+from tests.support.demo_data import make_demo_images
+from tests.support.gcs_emulator import GcsEmulator
+from tests.support.gcs_emulator_tf import TensorFlowGcsBridge
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "imagebeam-test"
@@ -79,8 +80,13 @@ def test_classic_template_builds_against_the_emulator_and_stages_the_project(tmp
     with zipfile.ZipFile(wheel_path) as wheel:
         names = set(wheel.namelist())
         metadata = wheel.read("imagebeam-0.1.0.dist-info/METADATA").decode()
-    assert {"pipelines/preprocess.py", "pipelines/transforms.py", "trainer/task.py"} <= names
+    assert {"pipelines/preprocess.py", "pipelines/preprocessing/transforms.py",
+            "pipelines/contract/records.py", "pipelines/stats/phase.py",
+            "trainer/task.py"} <= names
     assert not any(name.startswith("tests/") or "__pycache__" in name for name in names)
+    # Test and demo tooling (the GCS emulator, its TensorFlow bridge, the fault proxy, the
+    # demo data) stays out of what workers and images install.
+    assert not any("emulator" in name or "demo" in name or "faults" in name for name in names)
     assert "Requires-Dist: apache-beam[gcp]" in metadata
     # The pins staged for the workers are the lock's.
     assert contents[by_name["requirements.txt"]] == packaging.lock_path().read_bytes()

@@ -16,11 +16,12 @@ from apache_beam.portability import common_urns
 from apache_beam.portability.api import beam_runner_api_pb2
 from google.cloud import dataflow_v1beta3 as dataflow_api
 
-from pipelines import dataflow, flex, options
-from pipelines.demo_data import make_demo_images
-from pipelines.gcs_emulator import GcsEmulator
-from pipelines.gcs_emulator_tf import TensorFlowGcsBridge
-from pipelines.options import UsageError
+from pipelines.cloud import dataflow, flex
+from pipelines.preprocessing import options
+from pipelines.preprocessing.options import UsageError
+from tests.support.demo_data import make_demo_images
+from tests.support.gcs_emulator import GcsEmulator
+from tests.support.gcs_emulator_tf import TensorFlowGcsBridge
 
 ROOT = Path(__file__).resolve().parent.parent
 METADATA = ROOT / flex.METADATA_RELATIVE_PATH

@@ -9,8 +9,9 @@ import pytest
 from google.cloud import aiplatform_v1 as aip
 from google.protobuf.json_format import ParseError
 
-from pipelines import run, vertex
-from pipelines.gcs_emulator import GcsEmulator
+from pipelines import run
+from pipelines.cloud import vertex
+from tests.support.gcs_emulator import GcsEmulator
 
 BUCKET = "imagebeam-vertex"
 IMAGE = "us-central1-docker.pkg.dev/my-project/imagebeam/imagebeam-trainer:1"

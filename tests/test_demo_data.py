@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.demo_data import SOURCES, make_demo_images
+from tests.support.demo_data import SOURCES, make_demo_images
 
 SIZE = (60, 80)  # (height, width); small keeps the tests fast
 

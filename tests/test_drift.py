@@ -5,10 +5,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipelines import drift, preprocess, stats_phase
-from pipelines import statistics as stats_lib
-from pipelines.manifest import read_manifest
-from pipelines.options import UsageError
+from pipelines import preprocess
+from pipelines.contract.manifest import read_manifest
+from pipelines.preprocessing.options import UsageError
+from pipelines.stats import drift
+from pipelines.stats import feature_stats as stats_lib
+from pipelines.stats import phase as stats_phase
 from tests import stats_outputs
 
 

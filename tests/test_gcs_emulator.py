@@ -13,8 +13,8 @@ import pytest
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import gcs_emulator
-from pipelines.gcs_emulator import EmulatorError, GcsEmulator, add_batch_content_ids
+from tests.support import gcs_emulator
+from tests.support.gcs_emulator import EmulatorError, GcsEmulator, add_batch_content_ids
 
 BUCKET = "demo"
 ENV_KEYS = ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT")

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pipelines import imaging
-from pipelines.imaging import DecodeError, ImageFormat, ImageSpec, ResizeMode
+from pipelines.contract import imaging
+from pipelines.contract.imaging import DecodeError, ImageFormat, ImageSpec, ResizeMode
 from tests import corpus
 
 

@@ -16,8 +16,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pipelines import imaging, imaging_tf
-from pipelines.imaging import ResizeMode
+from pipelines.contract import imaging, imaging_tf
+from pipelines.contract.imaging import ResizeMode
 from tests import corpus, fuzz_images
 from trainer import serving
 

@@ -4,7 +4,12 @@ import os
 
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
-from pipelines.options import PreprocessConfig, beam_options, decode_threads, local_runner
+from pipelines.preprocessing.options import (
+    PreprocessConfig,
+    beam_options,
+    decode_threads,
+    local_runner,
+)
 
 
 def test_local_default_is_the_in_memory_direct_runner():

@@ -5,9 +5,9 @@ builds the graph and again when it runs each step; a step that captured the whol
 cost ~0.3 s per step at 16,000 files.
 """
 
-from pipelines import preprocess
-from pipelines.options import parse_args
-from pipelines.sources import Listing, SourceFile
+from pipelines.preprocessing import pipeline as preprocess_pipeline
+from pipelines.preprocessing.options import parse_args
+from pipelines.preprocessing.sources import Listing, SourceFile
 
 
 def step_payload_bytes(files: int, tmp_path) -> dict[str, int]:
@@ -16,7 +16,7 @@ def step_payload_bytes(files: int, tmp_path) -> dict[str, int]:
                                  (f"class{i % 7}",)) for i in range(files)),
         skipped=(), hidden=0)
     config, options = parse_args(["--input", "/data/raw", "--output", str(tmp_path / "out")])
-    pipeline = preprocess.build_pipeline(config, options, listing)  # built, never run
+    pipeline = preprocess_pipeline.build_pipeline(config, options, listing)  # built, never run
     proto = pipeline.to_runner_api()
     return {t.unique_name: len(t.spec.payload) for t in proto.components.transforms.values()}
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipelines import ownership, preprocess, records
-from pipelines.manifest import OUTPUT_ENTRIES, read_manifest
+from pipelines import preprocess
+from pipelines.contract import ownership, records
+from pipelines.contract.manifest import OUTPUT_ENTRIES, read_manifest
 from tests import corpus
 
 ARGS = ["--image_size", "32,48", "--num_shards", "3", "--no_progress", *corpus.ERROR_BUDGET_ARGS]
@@ -164,8 +165,8 @@ def test_usage_errors_are_one_line_messages(args, message, capsys):
 
 
 def test_stored_pixels_match_imaging_module(output, corpus_dir):
-    """The shards hold exactly what pipelines.imaging makes of the source file."""
-    from pipelines.imaging import ImageSpec, process_image
+    """The shards hold exactly what pipelines.contract.imaging makes of the source file."""
+    from pipelines.contract.imaging import ImageSpec, process_image
 
     manifest = read_manifest(str(output))
     rows = [r for split in manifest["splits"] for _, r in read_split(output, manifest, split)]

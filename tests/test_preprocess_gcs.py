@@ -3,10 +3,11 @@
 import pytest
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines import preprocess, records
-from pipelines.gcs_emulator import GcsEmulator
-from pipelines.manifest import read_manifest
+from pipelines import preprocess
+from pipelines.contract import records
+from pipelines.contract.manifest import read_manifest
 from tests import corpus
+from tests.support.gcs_emulator import GcsEmulator
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import struct
 import pytest
 import tensorflow as tf
 
-from pipelines import records
+from pipelines.contract import records
 
 
 def tf_example(**kw) -> bytes:
@@ -69,7 +69,7 @@ def test_encoded_image_is_located_by_offset():
     ((0.0, 0.0, 0.0), []),
 ])
 def test_analyzer_instances_match_tensorflow_bytes(sums, labels):
-    from pipelines import analyzers
+    from pipelines.stats import analyzers
 
     def floats(values):
         return tf.train.Feature(float_list=tf.train.FloatList(value=values))

@@ -12,9 +12,8 @@ import unicodedata
 import pytest
 
 from pipelines import preprocess
-from pipelines.gcs_emulator import GcsEmulator
-from pipelines.manifest import read_manifest
-from pipelines.sources import (
+from pipelines.contract.manifest import read_manifest
+from pipelines.preprocessing.sources import (
     MAX_LABEL_CHARS,
     _Rejected,
     clean_label,
@@ -24,6 +23,7 @@ from pipelines.sources import (
     resolve_uri,
 )
 from tests import corpus
+from tests.support.gcs_emulator import GcsEmulator
 
 JPEG = corpus.encode(corpus.noise(40, 60, 1), "JPEG", quality=90)
 JPEG2 = corpus.encode(corpus.noise(40, 60, 2), "JPEG", quality=90)

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipelines.imaging import (
+from pipelines.contract.imaging import (
     MAX_JPEG_SCANS,
     DecodeError,
     ImageSpec,
@@ -28,8 +28,8 @@ from pipelines.imaging import (
     decode_rgb,
     process_image,
 )
-from pipelines.sources import SourceFile
-from pipelines.transforms import ERRORS_TAG, DecodedImage, DecodeSourceFn, ErrorRow
+from pipelines.preprocessing.sources import SourceFile
+from pipelines.preprocessing.transforms import ERRORS_TAG, DecodedImage, DecodeSourceFn, ErrorRow
 from tests import fuzz_images
 
 REASONS = {"empty_file", "not_an_image", "bad_header", "too_many_pixels", "too_many_scans",

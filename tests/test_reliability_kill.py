@@ -22,10 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import manifest as manifest_lib
-from pipelines import ownership, preprocess
-from pipelines.manifest import read_manifest
-from pipelines.options import PreprocessConfig
+from pipelines import preprocess
+from pipelines.contract import manifest as manifest_lib
+from pipelines.contract import ownership
+from pipelines.contract.manifest import read_manifest
+from pipelines.preprocessing import output as output_lib
+from pipelines.preprocessing.options import PreprocessConfig
 from tests import corpus
 
 ARGS = ["--image_size", "32", "--num_shards", "3", "--no_progress", *corpus.ERROR_BUDGET_ARGS]
@@ -161,10 +163,10 @@ def test_leftovers_of_a_kill_during_cleanup_are_reclaimed_only_beside_our_claim(
         (out / name).mkdir(parents=True)
         (out / name / "leftover").write_text("from a killed run")
     with pytest.raises(ownership.OutputRefused, match="not an output of this tool"):
-        manifest_lib.prepare_output(PreprocessConfig(output=str(out), input="unused"))
+        output_lib.prepare_output(PreprocessConfig(output=str(out), input="unused"))
     assert len(list(out.rglob("leftover"))) == 5
     (out / manifest_lib.IN_PROGRESS).write_bytes(ownership.ClaimRecord(
         run_id="killed", entries=manifest_lib.OUTPUT_ENTRIES, created_at=0.0).to_bytes())
-    claim = manifest_lib.prepare_output(PreprocessConfig(output=str(out), input="unused"))
+    claim = output_lib.prepare_output(PreprocessConfig(output=str(out), input="unused"))
     claim.release()
     assert sorted(p.name for p in out.iterdir()) == [manifest_lib.IN_PROGRESS]

@@ -20,11 +20,16 @@ from google.api_core import exceptions as google_errors
 from google.cloud.storage import retry as storage_retry
 
 from pipelines import preprocess
-from pipelines.imaging import ImageSpec
-from pipelines.manifest import read_manifest
-from pipelines.sources import SourceFile
-from pipelines.spill import SpillRef
-from pipelines.transforms import DecodeSourceFn, UniqueImage, WriteShardFn, decode_source
+from pipelines.contract.imaging import ImageSpec
+from pipelines.contract.manifest import read_manifest
+from pipelines.preprocessing.sources import SourceFile
+from pipelines.preprocessing.spill import SpillRef
+from pipelines.preprocessing.transforms import (
+    DecodeSourceFn,
+    UniqueImage,
+    WriteShardFn,
+    decode_source,
+)
 from tests import corpus
 from tests.faults import FAILURE_KINDS, FaultPlan, FlakyGcsEmulator
 

@@ -12,9 +12,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pipelines import records, report
-from pipelines import statistics as stats_lib
-from pipelines.manifest import read_manifest
+from pipelines.contract import records
+from pipelines.contract.manifest import read_manifest
+from pipelines.stats import feature_stats as stats_lib
+from pipelines.stats import report
 from tests import corpus, stats_outputs
 
 

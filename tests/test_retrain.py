@@ -7,8 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from pipelines import gate, retrain
-from pipelines.options import UsageError
+from pipelines.preprocessing.options import UsageError
+from pipelines.retraining import gate
+from pipelines.retraining import tick as retrain
 
 BASE = ["--input", "/data/raw", "--root", "/data/root"]
 

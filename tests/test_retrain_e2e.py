@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import retrain
-from pipelines.demo_data import make_demo_images
+from pipelines.retraining import tick as retrain
+from tests.support.demo_data import make_demo_images
 
 PER_CLASS = {"first": 20, "second": 6, "third": 3}  # new images per class at each arrival
 CLASSES = 4

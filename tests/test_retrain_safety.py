@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import ownership, retrain
-from pipelines.demo_data import make_demo_images
+from pipelines.contract import ownership
+from pipelines.retraining import tick as retrain
+from tests.support.demo_data import make_demo_images
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = ["--image_size", "16", "--num_shards", "1", "--no_progress", "--direct_running_mode",
@@ -66,7 +67,7 @@ def test_promotion_never_overwrites_a_newer_promotion_locally(tmp_path):
 
 @pytest.fixture(scope="module")
 def gcs():
-    from pipelines.gcs_emulator import GcsEmulator
+    from tests.support.gcs_emulator import GcsEmulator
 
     with GcsEmulator() as emulator:
         emulator.create_bucket("retrain")

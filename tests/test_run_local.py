@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import options as preprocess_options
 from pipelines import run
-from pipelines.demo_data import make_demo_images
-from pipelines.options import UsageError
+from pipelines.preprocessing import options as preprocess_options
+from pipelines.preprocessing.options import UsageError
+from tests.support.demo_data import make_demo_images
 
 
 def _option_strings(parser: argparse.ArgumentParser) -> set[str]:

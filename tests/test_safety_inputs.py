@@ -10,10 +10,10 @@ import pytest
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines import preprocess
-from pipelines.gcs_emulator import GcsEmulator
-from pipelines.manifest import read_manifest
-from pipelines.sources import list_class_folders, list_labels_csv, literal_pattern
+from pipelines.contract.manifest import read_manifest
+from pipelines.preprocessing.sources import list_class_folders, list_labels_csv, literal_pattern
 from tests import corpus
+from tests.support.gcs_emulator import GcsEmulator
 
 ARGS = ["--image_size", "32,48", "--num_shards", "2", "--no_progress",
         "--direct_running_mode", "in_memory"]

@@ -14,9 +14,11 @@ import apache_beam as beam
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 
-from pipelines import manifest as manifest_lib
-from pipelines import ownership, preprocess
-from pipelines.manifest import read_manifest
+from pipelines import preprocess
+from pipelines.contract import manifest as manifest_lib
+from pipelines.contract import ownership
+from pipelines.contract.manifest import read_manifest
+from pipelines.preprocessing.pipeline import CheckClaimOnce
 from tests import corpus
 
 ARGS = ["--image_size", "16", "--num_shards", "1", "--no_progress"]
@@ -242,12 +244,12 @@ def test_a_classic_template_runs_only_while_its_build_claim_is_there(tmp_path):
     claim.release()
     with BeamTestPipeline() as pipeline:  # the template's first run: its claim is there
         _ = pipeline | beam.Create([1, 2]) | beam.ParDo(
-            preprocess.CheckClaimOnce(str(out), "template-build"))
+            CheckClaimOnce(str(out), "template-build"))
     (out / "_IN_PROGRESS").unlink()  # the first run finished and released it
     with pytest.raises(Exception, match="has already run"):
         with BeamTestPipeline() as pipeline:
             _ = pipeline | beam.Create([1, 2]) | beam.ParDo(
-                preprocess.CheckClaimOnce(str(out), "template-build"))
+                CheckClaimOnce(str(out), "template-build"))
 
 
 # ---------------------------------------------------------------- failures that say so
@@ -287,7 +289,7 @@ def test_the_error_budget_passes_a_few_corrupt_files_and_fails_many(tmp_path, ca
 
 
 def test_staged_wheel_folders_are_removed_without_atexit():
-    from pipelines import dataflow
+    from pipelines.cloud import dataflow
 
     folder = dataflow._scratch_dir()
     assert os.path.isdir(folder)
@@ -300,7 +302,7 @@ def test_staged_wheel_folders_are_removed_without_atexit():
 
 @pytest.fixture(scope="module")
 def gcs():
-    from pipelines.gcs_emulator import GcsEmulator
+    from tests.support.gcs_emulator import GcsEmulator
 
     with GcsEmulator() as emulator:
         emulator.create_bucket("safety")
@@ -367,3 +369,17 @@ def test_output_paths_with_glob_characters_are_refused(name, tmp_path, capsys):
     refused(["--input", str(photos), "--output", str(tmp_path / name)], capsys,
             "may not hold [, * or ?")
     assert not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"format_version": 2}, "format_version 2, this code reads 1"),
+    ({"splits": None}, "keys missing: splits"),
+])
+def test_reading_a_manifest_of_another_version_or_shape_is_a_clear_error(change, message,
+                                                                         tmp_path):
+    manifest = {key: {} for key in ownership.MANIFEST_KEYS} | {"format_version": 1}
+    manifest.update(change)
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {k: v for k, v in manifest.items() if v is not None}))
+    with pytest.raises(manifest_lib.ManifestError, match=message):
+        read_manifest(str(tmp_path))

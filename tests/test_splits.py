@@ -3,7 +3,7 @@
 import hashlib
 from collections import Counter
 
-from pipelines import splits
+from pipelines.preprocessing import splits
 
 SPLITS = (("train", 0.8), ("validation", 0.1), ("test", 0.1))
 

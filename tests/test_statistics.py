@@ -15,9 +15,9 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 from tensorflow_metadata.proto.v0 import statistics_pb2
 
-from pipelines import records
-from pipelines import statistics as stats_lib
-from pipelines.manifest import read_manifest
+from pipelines.contract import records
+from pipelines.contract.manifest import read_manifest
+from pipelines.stats import feature_stats as stats_lib
 from tests import stats_outputs
 
 

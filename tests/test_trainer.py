@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipelines import records
+from pipelines.contract import records
 from trainer import checkpoints, train
 from trainer import config as config_lib
 from trainer import input as input_lib

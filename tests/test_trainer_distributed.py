@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import tensorflow as tf
 
-from pipelines import records
-from pipelines.manifest import read_manifest
+from pipelines.contract import records
+from pipelines.contract.manifest import read_manifest
 from trainer import input as input_lib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def _sha256s(dataset: tf.data.Dataset) -> list[bytes]:
     return [records.parse_example(raw.numpy())[records.SHA256][0] for raw in dataset]
 
 
-@pytest.mark.parametrize("num_workers", [2, 3])  # photo_prep has 2 train shards
+@pytest.mark.parametrize("num_workers", [1, 2, 3])  # photo_prep has 2 train shards
 def test_each_epoch_every_train_record_once_across_workers(photo_prep, num_workers):
     spec = input_lib.DataSpec.from_manifest(str(photo_prep.output),
                                             read_manifest(str(photo_prep.output)))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipelines import imaging_tf, records
-from pipelines.imaging import ResizeMode
+from pipelines.contract import imaging_tf, records
+from pipelines.contract.imaging import ResizeMode
 from trainer import config as config_lib
 from trainer import distribute
 from trainer import input as input_lib

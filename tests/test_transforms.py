@@ -13,11 +13,16 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from google.api_core import exceptions as google_errors
 
-from pipelines import transforms
-from pipelines.imaging import ImageSpec
-from pipelines.options import PreprocessConfig
-from pipelines.sources import SourceFile
-from pipelines.transforms import ERRORS_TAG, DecodeSourceFn, MergeDuplicates, plan_shards
+from pipelines.contract.imaging import ImageSpec
+from pipelines.preprocessing import transforms
+from pipelines.preprocessing.options import PreprocessConfig
+from pipelines.preprocessing.sources import SourceFile
+from pipelines.preprocessing.transforms import (
+    ERRORS_TAG,
+    DecodeSourceFn,
+    MergeDuplicates,
+    plan_shards,
+)
 from tests import corpus
 
 
@@ -113,9 +118,9 @@ def test_plan_shards_balances_and_shuffles_classes():
 
 
 def _unique(i, split, label):
-    from pipelines.spill import SpillRef
-    from pipelines.splits import order_key
-    from pipelines.transforms import UniqueImage
+    from pipelines.preprocessing.spill import SpillRef
+    from pipelines.preprocessing.splits import order_key
+    from pipelines.preprocessing.transforms import UniqueImage
 
     sha = f"{i:064x}"
     return UniqueImage(sha, (f"/x/{i}",), (label,), False, SpillRef("s", i, 10), 100, 10, 10,
@@ -127,8 +132,8 @@ def test_a_failed_shard_attempt_leaves_its_temporary_file_under_tmp(tmp_path, mo
     the manifest), never beside the shards in data/."""
     from apache_beam.io.filesystems import FileSystems
 
-    from pipelines.spill import SpillWriter
-    from pipelines.transforms import WriteShardFn
+    from pipelines.preprocessing.spill import SpillWriter
+    from pipelines.preprocessing.transforms import WriteShardFn
 
     writer = SpillWriter(str(tmp_path / "spill"))
     image = dataclasses.replace(_unique(1, "train", "cat"), spill=writer.append(b"jpeg bytes"))
@@ -210,8 +215,8 @@ def _raiser(error):
 def test_reused_bytes_are_verified_and_decoded_again_when_they_do_not_match(tmp_path, damaged):
     import hashlib
 
-    from pipelines.spill import SpillRef
-    from pipelines.transforms import UniqueImage, WriteShardFn
+    from pipelines.preprocessing.spill import SpillRef
+    from pipelines.preprocessing.transforms import UniqueImage, WriteShardFn
 
     spec = ImageSpec(16, 16)
     source = tmp_path / "cat" / "a.jpg"

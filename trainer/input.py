@@ -33,7 +33,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from pipelines import records
+from pipelines.contract import records
 
 AUTOTUNE = tf.data.AUTOTUNE
 SCHEDULE_BLOCK = 128  # shard draws per step of the schedule

@@ -4,8 +4,8 @@ Keras 3, not tf_keras. TF 2.21's `tf.keras` is Keras 3; tensorflow-transform 1.2
 still builds on tf_keras, and its `transform_features_layer()` is a tf_keras layer
 that cannot live in a Keras 3 model (mixing the two packages fails on layer and
 variable types). Our transform output only computes two per-channel constants
-(pixel mean and std over the train split, `pipelines.analyzers`), so we read those
-numbers once (`normalization_from_transform_output`) and bake them into a Keras 3
+(pixel mean and std over the train split, `pipelines.stats.analyzers`), so we read those
+numbers once (`pipelines.contract.transform_output`) and bake them into a Keras 3
 `Normalization` layer. The model then holds the whole transform: training, the
 SavedModel and any later re-export apply the same arithmetic, and the trainer and
 serving code import Keras 3 only (tf_keras is loaded just to read the transform).

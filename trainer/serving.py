@@ -3,7 +3,7 @@
     serving_default(image_bytes: string [N]) ->
         probabilities: float32 [N, num_classes], class_id: int64 [N], label: string [N]
 
-Each image is decoded and resized by `pipelines.imaging_tf` (the TF-ops port of the
+Each image is decoded and resized by `pipelines.contract.imaging_tf` (the TF-ops port of the
 pipeline's PIL code, EXIF orientation included, held to it by a parity test) to the
 manifest's size and resize mode, then the model applies the normalisation from the
 transform output and the network. Any JPEG/PNG/GIF/BMP/WebP of any size goes in;
@@ -17,8 +17,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from pipelines import imaging_tf
-from pipelines.imaging import ResizeMode
+from pipelines.contract import imaging_tf
+from pipelines.contract.imaging import ResizeMode
 
 SIGNATURE = "serving_default"
 INPUT = "image_bytes"

@@ -28,7 +28,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from pipelines.manifest import read_manifest
+from pipelines.contract.manifest import ManifestError, read_manifest
+from pipelines.contract.transform_output import normalization_from_transform_output
 from trainer import checkpoints, distribute, loop, serving
 from trainer import input as input_lib
 from trainer.config import TrainConfig, UsageError
@@ -45,7 +46,10 @@ class Preempted(Exception):
 def load_data(config: TrainConfig) -> tuple[input_lib.DataSpec, checkpoints.TrainedOn]:
     """The preprocess output's manifest (local or gs://) as a DataSpec, and the record of
     training `config.model` on it that checkpoints must match to be resumed."""
-    manifest = read_manifest(config.data)
+    try:
+        manifest = read_manifest(config.data)
+    except ManifestError as err:
+        raise UsageError(f"--data: {err}") from err
     return (input_lib.DataSpec.from_manifest(config.data, manifest),
             checkpoints.TrainedOn.of(config.data, manifest, config.model))
 
@@ -53,8 +57,6 @@ def load_data(config: TrainConfig) -> tuple[input_lib.DataSpec, checkpoints.Trai
 def load_normalization(spec: input_lib.DataSpec) -> dict:
     """{"mean": float32 [3], "std": float32 [3], "source": str} for 0..255 pixels."""
     if spec.transform_output:
-        from pipelines.analyzers import normalization_from_transform_output
-
         stats = normalization_from_transform_output(spec.transform_output)
         return {"mean": stats["mean"], "std": stats["std"], "source": "transform_output"}
     pixels = input_lib.sample_images(spec).reshape(-1, 3).astype(np.float64)

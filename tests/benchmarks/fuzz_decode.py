@@ -1,4 +1,5 @@
-"""Tens of thousands of mutated and crafted images through `pipelines.imaging.process_image`.
+"""Tens of thousands of mutated and crafted images through `process_image`
+(`pipelines.contract.imaging`).
 
     .venv/bin/python -m tests.benchmarks.fuzz_decode [--cases 50000] [--seed 0]
         [--timeout_s 10] [--memory_mb 3072] [--workers N] [--replay SEED:INDEX]
@@ -13,7 +14,7 @@ deaths / MemoryError), the slowest cases, the largest RSS, and how to replay eac
 Exit status 1 if anything but decoded/dead-letter happened.
 
 `--serving` instead runs each crafted case through the pipeline and through the serving
-graph (`pipelines.imaging_tf`, traced) in this process, and prints both outcomes and
+graph (`pipelines.contract.imaging_tf`, traced) in this process, and prints both outcomes and
 times; exit status 1 if a file the pipeline refuses from its header is not refused by the
 serving graph for the same reason.
 """
@@ -38,7 +39,7 @@ import warnings  # noqa: E402
 from collections import Counter  # noqa: E402
 from multiprocessing.connection import Connection, wait  # noqa: E402
 
-from pipelines.imaging import DecodeError, ImageSpec, process_image  # noqa: E402
+from pipelines.contract.imaging import DecodeError, ImageSpec, process_image  # noqa: E402
 from tests import fuzz_images  # noqa: E402
 
 RECYCLE_AFTER = 400  # cases per worker process before a fresh one takes over
@@ -185,7 +186,7 @@ def serving_parity() -> int:
     """Crafted cases through both decode paths; 1 if a header refusal differs."""
     import tensorflow as tf  # only here: the forked workers never load TensorFlow
 
-    from pipelines import imaging_tf
+    from pipelines.contract import imaging_tf
 
     serve = tf.function(
         lambda data: imaging_tf.process_image(data, (SPEC.height, SPEC.width), SPEC.resize,

@@ -8,7 +8,7 @@ time (read, decode, resize to 224x224, cast to uint8, encode JPEG q95) and build
 No dedup, splits, statistics or manifest: less work than `pipelines.preprocess`, so it
 is a lower bound on what a straightforward Beam job costs, and the gap to it is what
 our design (PIL in C without the GIL, no TensorFlow in workers) buys. It runs on our
-runner defaults (`pipelines.options.beam_options`: the DirectRunner, `in_memory`)
+runner defaults (`pipelines.preprocessing.options.beam_options`: the DirectRunner, `in_memory`)
 so the two sides differ only in the pipeline; other Beam flags pass through.
 """
 
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import apache_beam as beam
 import tensorflow as tf
 
-from pipelines.options import beam_options
+from pipelines.preprocessing.options import beam_options
 
 SIZE = 224
 JPEG_QUALITY = 95

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipelines.demo_data import make_demo_images  # noqa: I001
 from tests.benchmarks.measure import run_measured
+from tests.support.demo_data import make_demo_images  # noqa: I001
 
 PER_CLASS_DIVISOR = 4  # make_demo_images writes 4 classes
 CACHE = Path(tempfile.gettempdir()) / "imagebeam-bench"

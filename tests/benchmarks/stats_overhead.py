@@ -20,7 +20,7 @@ in 4 classes, resized to 224x224 JPEG, cached under /tmp.
 Without the statistics phase the job never loads TensorFlow (~3 s of CPU and ~570 MB):
 only tf.Transform needs it, so its import is part of what the phase costs. With it, a
 local run does tf.Transform's analysis in a second process started before the listing
-(`pipelines.analysis_process`), as `preprocess.run` does; `cpu` and peak RSS count it.
+(`pipelines.local.analysis_process`), as `preprocess.run` does; `cpu` and peak RSS count it.
 """
 
 from __future__ import annotations
@@ -52,16 +52,18 @@ def child(mode: str, input_dir: str, output: str) -> None:
     """One timed pipeline run in this process, as `preprocess.run` makes it (the
     analysis process started first, when the statistics phase runs); prints
     {"pipeline_s": ...} as JSON."""
-    from pipelines import analysis_process, preprocess
-    from pipelines import manifest as manifest_lib
-    from pipelines.options import parse_args
+    from pipelines.contract import manifest as manifest_lib
+    from pipelines.local import analysis_process
+    from pipelines.preprocessing import output as output_lib
+    from pipelines.preprocessing import pipeline as preprocess
+    from pipelines.preprocessing.options import parse_args
 
     config, options = parse_args(["--input", input_dir, "--output", output, "--no_progress"])
     analysis_context = (analysis_process.started(options) if mode == "with"
                         else contextlib.nullcontext())
     with analysis_context as analysis:
         listing = preprocess.list_input(config)
-        manifest_lib.prepare_output(config)
+        output_lib.prepare_output(config)
         started = time.monotonic()
         pipeline = preprocess.build_pipeline(config, options, listing,
                                              statistics=(mode == "with"), analysis=analysis)

@@ -25,7 +25,7 @@ import re
 import shlex
 from collections.abc import Callable
 
-DEFAULT_GATE_MARGIN = 0.02  # pipelines.gate.GateRule.margin (a test keeps them equal)
+DEFAULT_GATE_MARGIN = 0.02  # pipelines.retraining.gate.GateRule.margin (a test keeps them equal)
 _INT = re.compile(r"[0-9]{1,9}")
 _FLOAT = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]{1,3})?")
 _WORD = re.compile(r"[A-Za-z0-9_]{1,64}")

@@ -22,7 +22,7 @@ from collections import defaultdict
 from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.imaging import IMAGE_EXTENSIONS
+from pipelines.contract.imaging import IMAGE_EXTENSIONS
 
 
 class InputError(ValueError):

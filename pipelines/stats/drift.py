@@ -22,7 +22,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
-from pipelines import statistics as stats_lib
+from pipelines.stats import feature_stats as stats_lib
 
 ANOMALIES_PATH = "stats/anomalies.json"  # relative to the output root
 POOLED = "all"  # the "split" of checks over every split together

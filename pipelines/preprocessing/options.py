@@ -18,7 +18,8 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
-from pipelines.imaging import (
+from pipelines.contract.errors import UsageError
+from pipelines.contract.imaging import (
     DEFAULT_JPEG_QUALITY,
     DEFAULT_MAX_PIXELS,
     ImageFormat,
@@ -34,10 +35,6 @@ DEFAULT_SPLIT_SALT = "imagebeam-split-v1"
 # A few corrupt files never stop a job (about 1% of a real corpus is normal); a run that
 # is mostly dead letters (wrong folder, wrong format, credentials) fails instead.
 DEFAULT_MAX_ERROR_RATE = 0.1
-
-
-class UsageError(ValueError):
-    """A mistake in how the command was called; its message is shown as is."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +55,7 @@ class PreprocessConfig:
     reuse_from: str | None = None  # an earlier output whose stored images may be reused
     decode_threads: int = 0  # per decoding DoFn; 0 = auto (decode_threads()); not output
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE  # dead letters / image files, at most
-    run_id: str | None = None  # the output claim's id (pipelines.ownership); not output
+    run_id: str | None = None  # the output claim's id (pipelines.contract.ownership); not output
 
     def to_json(self) -> dict:
         """The config as it is recorded in the manifest."""

@@ -13,6 +13,7 @@ Vertex's default); no key is passed anywhere.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import re
@@ -71,6 +72,65 @@ class VertexConfig:
     display_name: str | None = None
     timeout_hours: float | None = None
     labels: tuple[tuple[str, str], ...] = (("app", "imagebeam"),)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The Vertex AI flags, as `pipelines.run` and `pipelines.retrain` both take them."""
+    group = parser.add_argument_group("Vertex AI (--trainer vertex)")
+    group.add_argument("--trainer_image", metavar="URI",
+                       help="the trainer image (deploy/Dockerfile --target trainer)")
+    group.add_argument("--vertex_machine_type", default=DEFAULT_MACHINE_TYPE,
+                       help=f"default {DEFAULT_MACHINE_TYPE}")
+    group.add_argument("--vertex_accelerator_type", default=DEFAULT_ACCELERATOR,
+                       help=f"an AcceleratorType name or none (default {DEFAULT_ACCELERATOR})")
+    group.add_argument("--vertex_accelerator_count", type=int,
+                       default=DEFAULT_ACCELERATOR_COUNT)
+    group.add_argument("--vertex_boot_disk_gb", type=int, default=DEFAULT_BOOT_DISK_GB)
+    group.add_argument("--vertex_replica_count", type=int, default=1,
+                       help="machines; more than one trains with MultiWorkerMirroredStrategy "
+                       "(Vertex sets TF_CONFIG; --batch_size stays the global batch)")
+    group.add_argument("--vertex_region", help="default: Beam's --region")
+    group.add_argument("--vertex_network", metavar="projects/NUMBER/global/networks/NAME",
+                       help="VPC network peered with Vertex AI (default: none)")
+    group.add_argument("--vertex_timeout_hours", type=float,
+                       help="stop the job after this long (default: Vertex's, 7 days)")
+    group.add_argument("--vertex_display_name", help="default imagebeam-train-<time>")
+
+
+def config_from_args(args: argparse.Namespace, *, project: str | None, region: str | None,
+                     service_account: str | None, base_output_dir: str, where: str,
+                     trainer_args: Sequence[str]) -> VertexConfig:
+    """The VertexConfig the flags of `add_arguments` describe, checked by building a job
+    now. `where` names the flag whose gs:// prefix `base_output_dir` lies under. Raises
+    SpecError with a one-line message."""
+    region = args.vertex_region or region
+    missing = [flag for flag, value in (("--trainer_image", args.trainer_image),
+                                        ("--project", project),
+                                        ("--region (or --vertex_region)", region)) if not value]
+    if missing:
+        raise SpecError(f"--trainer vertex needs {', '.join(missing)}")
+    if not base_output_dir.startswith("gs://"):
+        raise SpecError(f"--trainer vertex needs a gs:// {where} (the job reads and writes it)")
+    config = VertexConfig(
+        project=project,
+        region=region,
+        image_uri=args.trainer_image,
+        base_output_dir=base_output_dir,
+        machine_type=args.vertex_machine_type,
+        accelerator_type=args.vertex_accelerator_type,
+        accelerator_count=args.vertex_accelerator_count,
+        replica_count=args.vertex_replica_count,
+        boot_disk_gb=args.vertex_boot_disk_gb,
+        service_account=service_account,
+        network=args.vertex_network,
+        display_name=args.vertex_display_name,
+        timeout_hours=args.vertex_timeout_hours,
+    )
+    try:
+        build_custom_job(config, trainer_args)
+    except (ValueError, TypeError) as err:  # SpecError is a ValueError
+        raise SpecError(f"Vertex AI job: {err}") from err
+    return config
 
 
 def accelerator(name: str) -> aip.AcceleratorType:

@@ -15,8 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipelines.demo_data import make_demo_images
-from pipelines.gcs_emulator import GcsEmulator
+from tests.support.demo_data import make_demo_images
+from tests.support.gcs_emulator import GcsEmulator
 
 OUTPUT = Path("demo_output")
 
@@ -50,7 +50,7 @@ def _run(module: str, *args: str) -> int:
 
 
 def _trainer_available() -> bool:
-    return (Path(__file__).resolve().parent.parent / "trainer" / "task.py").exists()
+    return (Path(__file__).resolve().parents[2] / "trainer" / "task.py").exists()
 
 
 def _print_outputs(prep: Path, model: Path) -> None:

@@ -46,12 +46,12 @@ from apache_beam.options.pipeline_options import (
 )
 from apache_beam.runners.runner import PipelineResult
 
-from pipelines import packaging
-from pipelines.options import PreprocessConfig, UsageError
+from pipelines.cloud import packaging
+from pipelines.preprocessing.options import PreprocessConfig, UsageError
 
 # Set in deploy/Dockerfile to the image's own URI: inside it, workers default to it.
 SDK_IMAGE_ENV = "IMAGEBEAM_SDK_CONTAINER_IMAGE"
-# Set by pipelines.flex for a Flex Template launch (the launcher builds the job at launch
+# Set by pipelines.cloud.flex for a Flex Template launch (the launcher builds the job at launch
 # time, so the classic template's caveats do not apply).
 FLEX_LAUNCH_ENV = "IMAGEBEAM_FLEX_LAUNCH"
 DATAFLOW_RUNNERS = ("dataflowrunner", "dataflow")
@@ -137,7 +137,7 @@ def configure_workers(options: PipelineOptions, environ: Mapping[str, str]) -> s
     except packaging.PackagingError as err:
         raise UsageError(str(err)) from err
     if not lock.is_file():
-        raise UsageError(f"{lock} is missing: run `python -m pipelines.packaging lock`")
+        raise UsageError(f"{lock} is missing: run `python -m pipelines.cloud.packaging lock`")
     setup.extra_packages = [str(wheel)]
     setup.requirements_file = str(lock)
     if setup.requirements_cache is None:

@@ -96,7 +96,7 @@ def split_examples(data_root: str, manifest: dict, split: str = "test") -> Itera
     """
     import tensorflow as tf
 
-    from pipelines import records
+    from pipelines.contract import records
 
     labels = manifest["labels"]
     height, width = manifest["image"]["height"], manifest["image"]["width"]

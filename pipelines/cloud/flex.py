@@ -8,7 +8,7 @@ fixed and the output claimed at launch time -- unlike a classic template, which 
 them when it is built. That is why Flex is the template to use for this pipeline.
 
 The parameters and their checks live in deploy/flex_template_metadata.json; a test keeps
-that file and the CLI (`pipelines.options`) in step.
+that file and the CLI (`pipelines.preprocessing.options`) in step.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from pipelines import options as options_lib
-from pipelines.dataflow import FLEX_LAUNCH_ENV
-from pipelines.options import UsageError
+from pipelines.cloud.dataflow import FLEX_LAUNCH_ENV
+from pipelines.preprocessing import options as options_lib
+from pipelines.preprocessing.options import UsageError
 
 METADATA_RELATIVE_PATH = "deploy/flex_template_metadata.json"
 # CLI flags that are no template parameter, and why.
@@ -64,7 +64,7 @@ def launcher_argv(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs preprocess as a Flex Template launch; returns its exit code."""
-    os.environ[FLEX_LAUNCH_ENV] = "1"  # see pipelines.dataflow: no classic-template caveats
+    os.environ[FLEX_LAUNCH_ENV] = "1"  # see pipelines.cloud.dataflow: no classic-template caveats
     try:
         args = launcher_argv(sys.argv[1:] if argv is None else argv)
     except UsageError as err:

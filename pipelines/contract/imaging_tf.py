@@ -1,4 +1,4 @@
-"""The serving graph's decode and resize: `pipelines/imaging.py` in TensorFlow ops.
+"""The serving graph's decode and resize: `pipelines/contract/imaging.py` in TensorFlow ops.
 
 A SavedModel cannot call PIL, so the steps `imaging.process_image` takes are
 written again here with TF ops, one for one, and `tests/test_imaging_tf.py`
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from pipelines.imaging import (
+from pipelines.contract.imaging import (
     ANY_FILE_MAY_DECLARE,
     DEFAULT_MAX_PIXELS,
     JPEG_SOS,

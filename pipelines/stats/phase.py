@@ -25,11 +25,13 @@ import apache_beam as beam
 from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines import analysis_process, analyzers, drift, report
-from pipelines import manifest as manifest_lib
-from pipelines import statistics as stats_lib
-from pipelines.options import PreprocessConfig, UsageError
-from pipelines.sources import ListingCounts
+from pipelines.contract import manifest as manifest_lib
+from pipelines.local import analysis_process
+from pipelines.preprocessing import output as output_lib
+from pipelines.preprocessing.options import PreprocessConfig, UsageError
+from pipelines.preprocessing.sources import ListingCounts
+from pipelines.stats import analyzers, drift, report
+from pipelines.stats import feature_stats as stats_lib
 
 
 def load_baseline(uri: str) -> bytes:
@@ -132,7 +134,7 @@ def add_statistics(
             "report": report.REPORT_PATH,
             "transform_output": transform,
         }
-        manifest = manifest_lib.build_manifest(config, listing_counts, labels, shard_infos, errors,
+        manifest = output_lib.build_manifest(config, listing_counts, labels, shard_infos, errors,
                                                duplicate_count, conflict_count, extra=entries)
         thumbnails = report.read_thumbnails(
             output, report.shards_in_reading_order(manifest), manifest["labels"],

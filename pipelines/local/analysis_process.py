@@ -47,8 +47,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.tfrecordio import _TFRecordUtil
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import analyzers, records
-from pipelines.options import beam_options, local_runner, runs_in_this_process
+from pipelines.contract import records
+from pipelines.preprocessing.options import beam_options, local_runner, runs_in_this_process
+from pipelines.stats import analyzers
 
 INSTANCES = "instances.tfrecord"  # in the work folder: the train split's serialized instances
 _GO = "go"  # parent -> child: the instances file is complete

@@ -1,7 +1,7 @@
 """Decode and resize: the one home of how a raw image file becomes model pixels.
 
 Pure functions over bytes and numpy arrays, no I/O. The Beam pipeline calls
-`process_image`; the serving graph (`pipelines/imaging_tf.py`) is a TensorFlow
+`process_image`; the serving graph (`pipelines/contract/imaging_tf.py`) is a TensorFlow
 port of the same steps, held to these functions by a parity test.
 
 Steps, in order (each mirrored in the serving graph):

@@ -44,7 +44,7 @@ from pathlib import PurePosixPath
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.options import UsageError
+from pipelines.contract.errors import UsageError
 
 TOOL = "imagebeam"
 CLAIM = "_IN_PROGRESS"

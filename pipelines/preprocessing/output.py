@@ -1,10 +1,9 @@
-"""The output folder's life: claimed at start, `manifest.json` written last.
+"""Writing the output folder: claimed at start, `manifest.json` written last.
 
-An output is complete if and only if it has a `manifest.json`. A run first claims the
-folder (`pipelines.ownership`: refused unless it is empty or provably ours), deletes an
-earlier manifest before anything else, and writes its own only after every shard and
-side file is in place and only while its claim still names it, so a killed or
-overtaken run never leaves a folder that looks complete.
+A run first claims the folder (`pipelines.contract.ownership`: refused unless it is empty
+or provably ours), deletes an earlier manifest before anything else, and writes its own
+only after every shard and side file is in place and only while its claim still names
+it, so a killed or overtaken run never leaves a folder that looks complete.
 """
 
 from __future__ import annotations
@@ -15,22 +14,18 @@ from collections.abc import Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines import ownership
-from pipelines.options import PreprocessConfig
-from pipelines.sources import ListingCounts
-
-FORMAT_VERSION = 1
-MANIFEST = ownership.MANIFEST
-IN_PROGRESS = ownership.CLAIM  # our claim on the folder, written first, removed last
-# The top-level entries a run writes: its claim lists them, and so does its manifest.
-OUTPUT_ENTRIES = ("data", "errors", "index", "stats", "transform_output", "_tmp",
-                  "manifest.json.tmp")
-ERRORS_PATH = "errors/errors.jsonl"
-INDEX_PATH = "index/images.jsonl"  # where each image's bytes sit in the shards (for reuse)
-
-
-def join(root: str, relative: str) -> str:
-    return FileSystems.join(root, *relative.split("/"))
+from pipelines.contract import ownership
+from pipelines.contract.manifest import (
+    ERRORS_PATH,
+    FORMAT_VERSION,
+    IN_PROGRESS,
+    INDEX_PATH,
+    MANIFEST,
+    OUTPUT_ENTRIES,
+    join,
+)
+from pipelines.preprocessing.options import PreprocessConfig
+from pipelines.preprocessing.sources import ListingCounts
 
 
 def input_paths(config: PreprocessConfig) -> dict[str, str | None]:
@@ -186,10 +181,3 @@ def write_outputs(
     remove_tree(join(root, IN_PROGRESS))
 
 
-def read_manifest(root: str) -> dict:
-    """The manifest of a complete output; raises FileNotFoundError if there is none."""
-    path = join(root, MANIFEST)
-    if not FileSystems.exists(path):
-        raise FileNotFoundError(f"{path} not found: not a complete preprocess output")
-    with FileSystems.open(path, compression_type="uncompressed") as handle:
-        return json.loads(handle.read())

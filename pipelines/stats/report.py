@@ -27,8 +27,8 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
-from pipelines import records
-from pipelines import statistics as stats_lib
+from pipelines.contract import records
+from pipelines.stats import feature_stats as stats_lib
 
 REPORT_PATH = "stats/report.html"  # relative to the output root
 THUMBNAILS_PER_CLASS = 8
@@ -416,7 +416,7 @@ def _classes(manifest, colours) -> str:
 
 
 def _sizes(statistics) -> str:
-    from pipelines import drift  # pooled histograms live with the drift checks
+    from pipelines.stats import drift  # pooled histograms live with the drift checks
 
     charts = []
     for path, label in ((stats_lib.ORIGINAL_HEIGHT, "original height (px)"),

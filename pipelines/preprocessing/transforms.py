@@ -30,12 +30,13 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 from google.api_core import exceptions as google_errors
 
-from pipelines import records, splits
-from pipelines.imaging import DecodeError, ImageSpec, ProcessedImage, process_image
-from pipelines.options import PreprocessConfig
-from pipelines.progress import WorkerCounter
-from pipelines.sources import SourceFile, literal_pattern
-from pipelines.spill import SpillRef, SpillWriter, read_spilled
+from pipelines.contract import records
+from pipelines.contract.imaging import DecodeError, ImageSpec, ProcessedImage, process_image
+from pipelines.local.progress import WorkerCounter
+from pipelines.preprocessing import splits
+from pipelines.preprocessing.options import PreprocessConfig
+from pipelines.preprocessing.sources import SourceFile, literal_pattern
+from pipelines.preprocessing.spill import SpillRef, SpillWriter, read_spilled
 
 NAMESPACE = "preprocess"
 ERRORS_TAG = "errors"

@@ -21,8 +21,8 @@ label ids stay the manifest's sorted `labels`.
 
 Outputs under `<output>/transform_output/` (what `tft.TFTransformOutput` reads):
 `transform_fn/` (the SavedModel, vocabulary asset `labels`) and `transformed_metadata/`.
-The trainer calls `normalization_from_transform_output` and bakes the numbers into
-the model, so serving carries them.
+The trainer reads the numbers back (`pipelines.contract.transform_output`) and bakes
+them into the model, so serving carries them.
 """
 
 from __future__ import annotations
@@ -34,23 +34,20 @@ import uuid
 from collections.abc import Iterable
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines import records
-
-TRANSFORM_OUTPUT = "transform_output"  # relative to the output root
-LABEL_VOCABULARY = "labels"  # vocab_filename: transform_fn/assets/labels
-_SPACE_ESCAPE = "__SPACE__"  # how tft stores spaces in a frequency vocabulary
-
-CHANNEL_SUMS = "channel_sums"
-CHANNEL_SQUARED_SUMS = "channel_squared_sums"
-PIXEL_COUNT = "pixel_count"
-LABEL = "label"
-
-PIXEL_MEAN = "pixel_mean"  # outputs: the dataset constants, broadcast per instance
-PIXEL_STD = "pixel_std"
+from pipelines.contract import records
+from pipelines.contract.transform_output import (  # the names the transform output carries
+    CHANNEL_SQUARED_SUMS,
+    CHANNEL_SUMS,
+    LABEL,
+    LABEL_VOCABULARY,
+    PIXEL_COUNT,
+    PIXEL_MEAN,
+    PIXEL_STD,
+    TRANSFORM_OUTPUT,
+)
 
 
 def raw_feature_spec() -> dict:
@@ -149,7 +146,7 @@ class AnalyzeInstances(beam.PTransform):
 
     `tft_beam.AnalyzeDataset(preprocessing_fn)` + `tft_beam.WriteTransformFn`. Both
     places the analysis runs use this: inside the pipeline (`AnalyzeTrainSplit`) and in
-    the local runs' analysis process (`pipelines.analysis_process`).
+    the local runs' analysis process (`pipelines.local.analysis_process`).
     """
 
     def __init__(self, write_dir: str, temp_dir: str):
@@ -181,7 +178,7 @@ class AnalyzeTrainSplit(beam.PTransform):
 
     Runs `AnalyzeInstances` (tf.Transform) on the train split's images only, inside the
     pipeline (what remote runners do; local runs hand the instances to
-    `pipelines.analysis_process` instead).
+    `pipelines.local.analysis_process` instead).
 
     Where tf.Transform writes: its SavedModel writer goes through TensorFlow's own
     file systems, which cannot reach a GCS emulator. With a local runner (`staging`
@@ -240,56 +237,3 @@ def copy_local_tree(source: str, destination: str) -> None:
                 target, compression_type=CompressionTypes.UNCOMPRESSED
             ) as dst:
                 shutil.copyfileobj(src, dst)
-
-
-def normalization_from_transform_output(path: str) -> dict:
-    """The numbers the trainer bakes into the model, read from a transform output.
-
-    Args:
-      path: a `transform_output` folder (manifest root joined with
-        `manifest["transform_output"]`), readable by TensorFlow's file systems.
-    Returns:
-      {"mean": float32 [3] and "std": float32 [3], per-channel statistics of the train
-      split's 0..255 RGB pixels (normalize as (x - mean) / std);
-      "labels": the train split's labels, sorted (NOT necessarily the model's label
-      ids: those are the manifest's `labels`, which also has labels only other
-      splits carry); "label_frequencies": {label: number of train images carrying it}}.
-      An empty train split gives mean and std 0 and no labels.
-    """
-    import tensorflow as tf
-    import tensorflow_transform as tft
-
-    output = tft.TFTransformOutput(path)
-    dummy = {
-        CHANNEL_SUMS: tf.zeros([1, 3], tf.float32),
-        CHANNEL_SQUARED_SUMS: tf.zeros([1, 3], tf.float32),
-        PIXEL_COUNT: tf.ones([1], tf.float32),
-        LABEL: tf.sparse.from_dense(tf.constant([[""]])),
-    }
-    transformed = output.transform_raw_features(dummy)
-    frequencies = parse_frequency_vocabulary(output.vocabulary_by_name(LABEL_VOCABULARY))
-    return {
-        "mean": np.asarray(transformed[PIXEL_MEAN].numpy()[0], dtype=np.float32),
-        "std": np.asarray(transformed[PIXEL_STD].numpy()[0], dtype=np.float32),
-        "labels": sorted(frequencies),
-        "label_frequencies": frequencies,
-    }
-
-
-def parse_frequency_vocabulary(lines: Iterable[bytes]) -> dict[str, int]:
-    """tft `store_frequency` vocabulary lines (b"<count> <label>") -> {label: count}.
-
-    tf.Transform writes a placeholder token into an empty vocabulary; it is dropped.
-    """
-    import tensorflow as tf
-    from tensorflow_transform.analyzers import get_empy_vocabulary_dummy_value
-
-    placeholder = get_empy_vocabulary_dummy_value(tf.string)[1].decode()
-    frequencies = {}
-    for line in lines:
-        text = line.decode("utf-8").rstrip("\r\n")
-        if not text or text.partition(" ")[2] == placeholder:
-            continue
-        count, _, label = text.partition(" ")
-        frequencies[label.replace(_SPACE_ESCAPE, " ")] = int(float(count))
-    return frequencies

@@ -33,7 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 
-from pipelines.gcs_emulator import HOST, GcsEmulator, read_request_body, relay_response
+from tests.support.gcs_emulator import HOST, GcsEmulator, read_request_body, relay_response
 
 # The hosts TensorFlow's GCS client calls (and Google's OAuth host, never called here).
 GOOGLE_HOSTS = ("www.googleapis.com", "storage.googleapis.com", "oauth2.googleapis.com")
