@@ -2,6 +2,13 @@
 
 Flags: `trainer/config.py`. Exit status 0 done, 2 usage error, 143 stopped by SIGTERM
 (run the same command again to resume).
+
+The terminal shows our `[trainer]` lines and Keras' progress. TensorFlow's C++ start-up
+lines (oneDNN, CUDA probing, and `failed call to cuInit` on a machine without a GPU) are
+not stopped by TF_CPP_MIN_LOG_LEVEL (the first come before absl's logging is set up, the
+last is an error): they go to a temporary file, kept and named only if TensorFlow fails to
+start. After start-up, TF_CPP_MIN_LOG_LEVEL (2 unless set: errors only) applies; set it to
+0 or 1 to see the start-up lines, and TensorFlow's INFO or WARNING lines, on the terminal.
 """
 
 from __future__ import annotations
@@ -10,11 +17,14 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
 
+import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from types import ModuleType
 
-from trainer.config import UsageError, parse_args
+from trainer.config import TrainConfig, UsageError, parse_args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,8 +36,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from trainer import train  # TensorFlow loads only for a valid command
+    with tensorflow_startup_quiet(os.environ):
+        import tensorflow as tf
 
+        from trainer import train  # TensorFlow loads only for a valid command
+
+        # CUDA is probed (cuInit) when devices are first listed. Physical devices can be
+        # listed before the runtime starts, so distribute.setup can still create a
+        # MultiWorkerMirroredStrategy first.
+        tf.config.list_physical_devices("GPU")
+    return _train(config, train)
+
+
+def _train(config: TrainConfig, train: ModuleType) -> int:
     try:
         metrics = train.run(config)
     except (FileNotFoundError, UsageError) as err:
@@ -40,6 +61,38 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"test {metrics.get('test')}, {metrics['input_images_per_s']} images/s -> "
           f"{config.saved_model_dir}", file=sys.stderr)
     return 0
+
+
+@contextlib.contextmanager
+def tensorflow_startup_quiet(environ: Mapping[str, str]) -> Iterator[None]:
+    """Inside the block, file descriptor 2 (where C++ code writes) goes to a temporary
+    file; after it, also on an error, fd 2 is what it was, so a Python traceback raised in
+    the block is printed there. The file is removed, or kept and named on stderr when the
+    block raises. Python's sys.stderr is flushed at both ends so its lines stay on their
+    side. Does nothing when TF_CPP_MIN_LOG_LEVEL is 0 or 1: the user asked to see
+    TensorFlow's INFO or WARNING lines."""
+    if environ.get("TF_CPP_MIN_LOG_LEVEL") in ("0", "1"):
+        yield
+        return
+    log, path = tempfile.mkstemp(prefix="imagebeam-trainer-", suffix=".log")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(log, 2)
+    failed = False
+    try:
+        yield
+    except Exception:
+        failed = True
+        raise
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(log)
+        if failed:
+            print(f"[trainer] TensorFlow's start-up messages: {path}", file=sys.stderr)
+        else:
+            os.remove(path)
 
 
 if __name__ == "__main__":
