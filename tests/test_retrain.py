@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from pipelines.contract.jsonio import write_json_atomically
 from pipelines.preprocessing.options import UsageError
 from pipelines.retraining import gate
 from pipelines.retraining import tick as retrain
@@ -89,8 +90,8 @@ def test_which_drift_blocks():
 
 def test_pointer_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     path = str(tmp_path / "current.json")
-    retrain.write_json_atomically(path, {"run_id": "a"})
-    retrain.write_json_atomically(path, {"run_id": "b"})
+    write_json_atomically(path, {"run_id": "a"})
+    write_json_atomically(path, {"run_id": "b"})
     assert json.loads(open(path).read()) == {"run_id": "b"}
     assert os.listdir(tmp_path) == ["current.json"]  # no temporary left behind
 
@@ -99,7 +100,7 @@ def test_pointer_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        retrain.write_json_atomically(path, {"run_id": "c"})
+        write_json_atomically(path, {"run_id": "c"})
     assert json.loads(open(path).read()) == {"run_id": "b"}
 
 
@@ -174,8 +175,8 @@ def test_unchanged_input_ends_the_tick_before_any_work(tmp_path):
     config = retrain.parse_args(["--input", str(raw), "--root", str(root)])
     fingerprint = retrain.input_fingerprint(config)[0]
     (root / "runs" / "20250101-000000-000000").mkdir(parents=True)
-    retrain.write_json_atomically(str(root / "runs" / "20250101-000000-000000" / "retrain.json"),
-                                  {"run_id": "20250101-000000-000000", "fingerprint": fingerprint})
+    write_json_atomically(str(root / "runs" / "20250101-000000-000000" / "retrain.json"),
+                          {"run_id": "20250101-000000-000000", "fingerprint": fingerprint})
     # A later tick killed mid-way: no retrain.json, so it is not the last finished tick.
     (root / "runs" / "20250102-000000-000000" / "data").mkdir(parents=True)
     record = retrain.tick(config)

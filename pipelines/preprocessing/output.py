@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.contract import ownership
+from pipelines.contract.jsonio import write_json_atomically
 from pipelines.contract.manifest import (
     ERRORS_PATH,
     FORMAT_VERSION,
@@ -174,9 +175,9 @@ def write_outputs(
         raise TooManyErrors(describe_failure(root, problem))
     if config.run_id:
         ownership.check_still_ours(root, config.run_id)
-    temporary = join(root, MANIFEST + ".tmp")
-    _write_text(temporary, json.dumps(manifest, indent=2) + "\n")
-    FileSystems.rename([temporary], [join(root, MANIFEST)])
+    # A fixed temporary name, one of OUTPUT_ENTRIES: a kill leaves nothing unlisted.
+    write_json_atomically(join(root, MANIFEST), manifest,
+                          temporary=join(root, MANIFEST + ".tmp"))
     # The claim goes after the manifest: a leftover claim beside a manifest is harmless.
     remove_tree(join(root, IN_PROGRESS))
 

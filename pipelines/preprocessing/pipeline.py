@@ -20,6 +20,7 @@ from pipelines.cloud import dataflow
 from pipelines.contract import manifest as manifest_lib
 from pipelines.contract import ownership
 from pipelines.preprocessing import output as output_lib
+from pipelines.preprocessing.after_all import AfterAll
 from pipelines.preprocessing.options import (
     PreprocessConfig,
     UsageError,
@@ -122,16 +123,12 @@ def build_pipeline(
         )
         output_lib.write_outputs(config, manifest, errors, shard_infos)
 
-    _ = (
-        pipeline
-        | "Finalize" >> beam.Create([None])
-        | "WriteManifestLast" >> beam.Map(
-            finalize,
-            shard_infos=beam.pvalue.AsList(shards),
-            errors=beam.pvalue.AsList(decoded[ERRORS_TAG]),
-            counts=beam.pvalue.AsList(duplicates),
-            extras=beam.pvalue.AsList(extras),
-        )
+    _ = pipeline | "WriteManifestLast" >> AfterAll(
+        finalize,
+        shard_infos=beam.pvalue.AsList(shards),
+        errors=beam.pvalue.AsList(decoded[ERRORS_TAG]),
+        counts=beam.pvalue.AsList(duplicates),
+        extras=beam.pvalue.AsList(extras),
     )
     return pipeline
 

@@ -56,6 +56,7 @@ from pipelines import run as run_lib
 from pipelines.cloud import vertex as vertex_lib
 from pipelines.contract import manifest as manifest_lib
 from pipelines.contract import ownership
+from pipelines.contract.jsonio import read_json, write_json_atomically
 from pipelines.preprocessing.options import PreprocessConfig, UsageError, refuse_glob_characters
 from pipelines.preprocessing.options import parse_args as parse_preprocess_args
 from pipelines.preprocessing.sources import InputError, list_labels_csv
@@ -172,30 +173,6 @@ def _vertex_config(known: argparse.Namespace, cloud: GoogleCloudOptions, root: s
 
 
 # ---------------------------------------------------------------- storage
-
-
-def read_json(path: str) -> dict:
-    with FileSystems.open(path, compression_type="uncompressed") as handle:
-        return json.loads(handle.read())
-
-
-def write_json_atomically(path: str, value: dict) -> None:
-    """Writes `value` beside `path`, then renames it over `path`: a reader (or a kill)
-    sees the old file or the new one, never half of one."""
-    text = json.dumps(value, indent=2) + "\n"
-    temporary = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    if "://" in path:
-        with FileSystems.create(temporary) as handle:
-            handle.write(text.encode())
-        # GCS: a copy then a delete; the copy replaces the object in one step.
-        FileSystems.rename([temporary], [path])
-        return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())  # the data is on disk before the name points at it
-    os.replace(temporary, path)
 
 
 def _exists(path: str) -> bool:

@@ -28,6 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipelines.contract import manifest as manifest_lib
 from pipelines.local import analysis_process
 from pipelines.preprocessing import output as output_lib
+from pipelines.preprocessing.after_all import AfterAll
 from pipelines.preprocessing.options import PreprocessConfig, UsageError
 from pipelines.preprocessing.sources import ListingCounts
 from pipelines.stats import analyzers, drift, report
@@ -115,14 +116,10 @@ def add_statistics(
         return {"statistics": stats.SerializeToString(), "anomalies": found,
                 "statistics_written_s": time.time() - started}
 
-    statistics = (
-        pipeline
-        | "StatisticsStart" >> beam.Create([None])
-        | "WriteStatistics" >> beam.Map(
-            write_statistics,
-            aggregates=beam.pvalue.AsList(aggregates),
-            errors=beam.pvalue.AsList(errors),
-        )
+    statistics = pipeline | "WriteStatistics" >> AfterAll(
+        write_statistics,
+        aggregates=beam.pvalue.AsList(aggregates),
+        errors=beam.pvalue.AsList(errors),
     )
 
     def write_report(_, written, shard_infos, errors, counts, duplicates, transform) -> dict:
@@ -160,18 +157,14 @@ def add_statistics(
         timings["report_written_s"] = round(time.time() - started, 2)
         return {**entries, "timings": timings}
 
-    return (
-        pipeline
-        | "ReportStart" >> beam.Create([None])
-        | "WriteReport" >> beam.Map(
-            write_report,
-            written=beam.pvalue.AsSingleton(statistics),
-            shard_infos=beam.pvalue.AsList(shards),
-            errors=beam.pvalue.AsList(errors),
-            counts=beam.pvalue.AsList(duplicate_counts),
-            duplicates=beam.pvalue.AsList(duplicate_sample),
-            transform=beam.pvalue.AsSingleton(transform_output),
-        )
+    return pipeline | "WriteReport" >> AfterAll(
+        write_report,
+        written=beam.pvalue.AsSingleton(statistics),
+        shard_infos=beam.pvalue.AsList(shards),
+        errors=beam.pvalue.AsList(errors),
+        counts=beam.pvalue.AsList(duplicate_counts),
+        duplicates=beam.pvalue.AsList(duplicate_sample),
+        transform=beam.pvalue.AsSingleton(transform_output),
     )
 
 
