@@ -44,13 +44,13 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # We enforce our own limit before decoding; PIL's own check would only warn.
 Image.MAX_IMAGE_PIXELS = None
 
-# Most pixels one byte of each format can encode (fuzzing found 1-3 KB GIFs and WebPs
-# declaring 10000x10000 canvases: 4-7 s and 1.6 GB each). Deflate inflates at most
+# Most pixels one byte of each format can encode (fuzzing found KB-sized GIFs and WebPs
+# declaring 10000x10000 canvases, each seconds and gigabytes to decode). Deflate inflates at most
 # 1032:1 and 1-bit PNG packs 8 pixels a byte; a 12-bit GIF LZW code emits at most 4096
 # pixels; an RLE4 BMP run is at most 255 pixels a 2-byte code; a flat lossless WebP
 # reaches ~26k pixels a byte, so 64k only catches lies. JPEG is not listed: draft mode
-# decodes a huge JPEG at 1/8 scale. Up to `ANY_FILE_MAY_DECLARE` pixels (~60 MB, 0.3 s)
-# any file may declare.
+# decodes a huge JPEG at 1/8 scale. Up to `ANY_FILE_MAY_DECLARE` pixels (cheap to
+# decode) any file may declare.
 MAX_PIXELS_PER_BYTE = {"PNG": 8 * 1032, "GIF": 4096, "BMP": 256, "WEBP": 65_536}
 ANY_FILE_MAY_DECLARE = 4_000_000
 # libjpeg walks every block of the canvas once per scan, data or not, so a few KB of
@@ -226,7 +226,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB, the way `tf.io.decode_image(channels=3)` reads the same file."""
     if image.mode in ("I;16", "I;16B", "I;16L"):
         # 16 bits map to 8 by the top byte, as libpng's strip_16 (and TF) do. Shifted as
-        # stored (uint16): widening first cost 5 s and 1.4 GB on a 100 Mpx image.
+        # stored (uint16): widening first cost seconds and gigabytes on a 100 Mpx image.
         image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8), mode="L")
     elif image.mode == "I":
         wide = np.asarray(image, dtype=np.uint32)
@@ -236,7 +236,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("RGBA", "LA", "PA"):
         # Alpha is dropped, not composited: TF's decoders do the same, so the
         # serving graph sees the colours training saw. PIL's convert drops it in one
-        # pass (split + merge made four full planes: 1.5 GB peak on a 100 Mpx RGBA).
+        # pass (split + merge made four full planes of a 100 Mpx RGBA).
         return image.convert("RGB")
     return image.convert("RGB")
 
@@ -303,9 +303,9 @@ def encode_image(image: Image.Image, image_format: ImageFormat,
         return image.tobytes()  # HxWx3 uint8, row-major
     buffer = io.BytesIO()
     if image_format is ImageFormat.JPEG:
-        # 4:2:0 chroma, as ImageNet/TFDS JPEGs: the trainer decodes it ~1.4x faster
-        # than 4:4:4 (0.39 vs 0.55 ms at 224 px), which is what keeps the input side
-        # ahead of image_dataset_from_directory. optimize=False keeps encoding fast.
+        # 4:2:0 chroma, as ImageNet/TFDS JPEGs: the trainer decodes it faster than 4:4:4
+        # (docs/performance.md), which is what keeps the input side ahead of
+        # image_dataset_from_directory. optimize=False keeps encoding fast.
         image.save(buffer, format="JPEG", quality=jpeg_quality, subsampling=2)
     else:
         image.save(buffer, format="PNG", compress_level=1)

@@ -6,8 +6,8 @@ spell these keys.
 
 Writing does not import TensorFlow: `make_example` emits the Example wire format
 directly (a test holds it byte-equal to `tf.train.Example.SerializeToString(
-deterministic=True)`). Importing TensorFlow cost each Beam worker process ~4 s of
-CPU, half of a 2,000-image local run on two cores.
+deterministic=True)`). Importing TensorFlow is a large fixed cost for each Beam worker
+process, which a run without statistics never needs to pay.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def parse_example(record: bytes) -> dict[str, list]:
     """A serialized tf.train.Example -> {key: values}: a list of bytes, int or float.
 
     The wire format read directly, as `serialize_example` writes it: parsing with
-    TensorFlow's `example_pb2` would load all of TensorFlow (~3 s) into a process that
+    TensorFlow's `example_pb2` would load all of TensorFlow into a process that
     otherwise never needs it. Follows protobuf's rules: a sub-message that occurs twice
     is merged (its occurrences concatenated), a map key that occurs twice keeps the last
     value, a oneof keeps its last member, numbers may be packed or not, fields with an

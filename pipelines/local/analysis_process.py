@@ -1,15 +1,14 @@
 """Local runs: tf.Transform's analysis in a second process, started before the pipeline.
 
 Why: most of what the statistics phase costs a local run is fixed: importing TensorFlow
-(~2.1 s of CPU here) and tf.Transform (~0.5 s), then tracing the preprocessing_fn
-(~0.7 s). In the pipeline's own process all of it runs while the pipeline is built,
+and tf.Transform, then tracing the preprocessing_fn. In the pipeline's own process all
+of it runs while the pipeline is built,
 before the first image is decoded, on one core while the other idles. A process of its
 own, forked at the top of `preprocess.run`, does it while this one lists, builds and
 decodes; the pipeline hands it the train split's analyzer instances once duplicates are
 merged and collects the written transform after the shards are written, so the analysis
-itself runs beside the shard writing too. Measured on 2 vCPUs (tests/benchmarks/
-stats_overhead.py): the statistics phase's cost fell from +4.9-6.1 s to +2.7-3.6 s of a
-2,000-image run and from +5.5 s to +1.4 s of a 16,000-image one, for ~1 s more CPU.
+itself runs beside the shard writing too. What it saves and costs:
+`python -m tests.benchmarks.stats_overhead` (docs/performance.md).
 
     preprocess.run ── start() ──> child: import TF + tf.Transform, build its pipeline,
     pipeline: ... MergeDuplicates ─ SendToAnalysis (instances file, "go") ──> child runs

@@ -226,15 +226,13 @@ def beam_options(beam_args: Sequence[str]) -> PipelineOptions:
     if standard.runner in (*_DIRECT_RUNNERS, "PrismRunner") and not _has_flag(
         beam_args, "--direct_running_mode"
     ):
-        # in_memory: bundles run one at a time in this process. Measured on this 2-vCPU
-        # machine it is as fast as `multi_threading` (2,000 photos: 13.0-13.6 s vs
-        # 12.1-14.6 s; 16,000: 64-76 s vs 61-74 s) and lighter (1.10 vs 1.3-1.5 GB),
-        # and it is safe: 9 of 19 threaded runs over 16,000 photos flooded the runner's
-        # in-memory GroupByKey buffers after decoding (20+ GB, OOM-killed), 0 of 7
-        # in_memory runs did. multi_processing costs ~4 s of TensorFlow import per
-        # worker and 2.4 GB. The decode step's thread pool (decode_threads) is what
-        # uses every core here. `--direct_running_mode multi_threading` still works;
-        # use Dataflow for data that needs more than one machine.
+        # in_memory: bundles run one at a time in this process. As fast as
+        # `multi_threading` here and lighter, and safe: threaded runs over large inputs
+        # flooded the runner's in-memory GroupByKey buffers until the OOM killer struck;
+        # multi_processing imports TensorFlow again in every worker. The decode step's
+        # thread pool (decode_threads) is what uses every core. Measurements:
+        # docs/performance.md and docs/design.md. `--direct_running_mode
+        # multi_threading` still works; use Dataflow for data that needs more machines.
         direct = options.view_as(DirectOptions)
         direct.direct_running_mode = "in_memory"
     return options
@@ -247,7 +245,7 @@ def local_runner(options: PipelineOptions):
     Why not let Beam choose: its DirectRunner (2.77) first tries the Prism runner, a Go
     binary it downloads from GitHub on first use. Offline that fails and it falls back to
     this same FnApiRunner, after converting the whole pipeline to its portable form once
-    more for Prism (~0.5 s of a 2,000-image run); online it runs on Prism, which ignores
+    more for Prism (a fixed cost every run); online it runs on Prism, which ignores
     `--direct_running_mode` and is not what the numbers in the README were measured on.
     `--runner PrismRunner` still picks Prism.
     """

@@ -73,8 +73,8 @@ def build_pipeline(
     started = time.time()
     labels = label_vocabulary(listing)
     # The steps after decoding capture these totals, not the listing: Beam pickles (and
-    # bz2-compresses) a step's closure each time it builds or runs it (~0.3 s a step at
-    # 16,000 files when they captured every SourceFile).
+    # bz2-compresses) a step's closure each time it builds or runs it, which grew with
+    # the number of files when they captured every SourceFile.
     listing_counts = listing.counts()
     spill_dir = manifest_lib.join(config.output, f"_tmp/spill-{uuid.uuid4().hex[:8]}")
     pipeline = beam.Pipeline(runner=local_runner(options), options=options)
@@ -158,7 +158,7 @@ def _reuse_side_input(pipeline: beam.Pipeline, config: PreprocessConfig) -> dict
     """{"reuse": sha256 -> ReuseEntry of the --reuse_from output}; {} without one.
 
     No empty side input when there is nothing to reuse: Beam looks a side input up for
-    every element (~90 us each, 1.5 s of a 16,000-image run)."""
+    every element, which adds up over a large run."""
     if not config.reuse_from:
         return {}
     index = pipeline | "ReuseIndex" >> ReadReuseIndex(config.reuse_from, manifest_lib.INDEX_PATH)
