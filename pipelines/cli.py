@@ -49,9 +49,9 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
         "written, the output's claim taken over, or a step of run/retrain failed"),
     (2, "usage error, or refused before anything was touched (input missing, output not "
         "ours or in use)"),
-    (130, "run --trainer vertex: stopped following the job (Ctrl-C); the job goes on"),
-    (143, "stopped by SIGTERM after a checkpoint (train, and run/retrain training); "
-          "the same command resumes"),
+    (130, "stopped by Ctrl-C (run --trainer vertex: only the following stops; the job "
+          "goes on)"),
+    (143, "stopped by SIGTERM (train checkpoints first); the same command resumes"),
 )
 
 
