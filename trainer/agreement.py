@@ -1,0 +1,91 @@
+"""Does serving answer what training measured? The exported signature on the original
+source files against the model on the stored records, image by image.
+
+The trainer's validation and test metrics are computed on the stored records (the
+resized, re-encoded pixels in the shards). A user's serving traffic is original files
+decoded by the serving graph. Where the two differ (lossy storage, resize or decode
+differences), predictions near a decision boundary flip, and the stored-record metrics
+stop being what serving delivers. `measure` says how often.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipelines.contract import records
+from trainer import input as input_lib
+
+log = logging.getLogger(__name__)
+THRESHOLD = 0.99  # below it the summary and metrics.json carry a warning
+_PARSE = {key: records.FEATURE_SPEC[key]
+          for key in (records.ENCODED, records.LABEL, records.SOURCE_ID)}
+
+
+def measure(model: keras.Model, serve, spec: input_lib.DataSpec, split: str,
+            batch_size: int = 64) -> dict:
+    """{"agreement", "num_examples", "num_disagreements", "accuracy_on_stored",
+    "accuracy_on_originals", "unreadable", "disagreements"} for `split`: the model on
+    each stored record against `serve` (the SavedModel's serving function) on the
+    record's first source file.
+    Records whose source cannot be read any more are counted in `unreadable`, not
+    compared. `disagreements` lists up to 20 source uris whose predictions differ."""
+    stored, originals, labels, uris = [], [], [], []
+    dataset = tf.data.TFRecordDataset([s.path for s in spec.splits.get(split, ())])
+    for batch in dataset.batch(batch_size):
+        parsed = tf.io.parse_example(batch, _PARSE)
+        sources = tf.sparse.to_dense(parsed[records.SOURCE_ID], default_value=b"").numpy()
+        ids = tf.sparse.to_dense(parsed[records.LABEL], default_value=-1).numpy()
+        readable = [_read(row[0].decode()) for row in sources]
+        keep = [i for i, data in enumerate(readable) if data is not None]
+        if not keep:
+            uris.extend([None] * len(sources))
+            continue
+        images = input_lib.decode_stored(tf.gather(parsed[records.ENCODED], keep),
+                                         spec.image_format, spec.height, spec.width)
+        stored.append(np.argmax(model(images, training=False), axis=-1))
+        originals.append(serve(image_bytes=tf.constant([readable[i] for i in keep]))[
+            "class_id"].numpy())
+        labels.append(ids[keep, 0])
+        uris.extend(sources[i][0].decode() if i in keep else None for i in range(len(sources)))
+    compared = [u for u in uris if u is not None]
+    unreadable = len(uris) - len(compared)
+    if not stored:
+        return {"agreement": None, "num_examples": 0, "num_disagreements": 0,
+                "unreadable": unreadable,
+                "accuracy_on_stored": None, "accuracy_on_originals": None,
+                "disagreements": []}
+    stored_ids, original_ids = np.concatenate(stored), np.concatenate(originals)
+    truth = np.concatenate(labels)
+    differ = np.flatnonzero(stored_ids != original_ids)
+    return {
+        "agreement": round(float(np.mean(stored_ids == original_ids)), 5),
+        "num_examples": int(len(truth)),
+        "num_disagreements": int(len(differ)),
+        "unreadable": unreadable,
+        "accuracy_on_stored": round(float(np.mean(stored_ids == truth)), 5),
+        "accuracy_on_originals": round(float(np.mean(original_ids == truth)), 5),
+        "disagreements": [compared[i] for i in differ[:20]],
+    }
+
+
+def warnings_for(agreement: dict[str, dict]) -> list[str]:
+    """One line per split whose agreement is below THRESHOLD."""
+    return [f"serving agreement on {split} is {result['agreement']:.3f} (below "
+            f"{THRESHOLD}): serving the original files answers differently from the stored "
+            f"records on {result['num_disagreements']} of {result['num_examples']} images; "
+            f"stored-record accuracy "
+            f"{result['accuracy_on_stored']}, on originals {result['accuracy_on_originals']}"
+            for split, result in agreement.items()
+            if result["agreement"] is not None and result["agreement"] < THRESHOLD]
+
+
+def _read(uri: str) -> bytes | None:
+    try:
+        with tf.io.gfile.GFile(uri, "rb") as handle:
+            return handle.read()
+    except (tf.errors.NotFoundError, tf.errors.PermissionDeniedError):
+        return None
