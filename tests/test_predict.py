@@ -1,0 +1,155 @@
+"""Batch prediction end to end: a model exported as the trainer exports it, a corpus with
+corrupt files mixed in, predictions equal to direct calls of the signature."""
+
+import json
+import os
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from pipelines.prediction import command
+from pipelines.prediction.model import load_signature, model_labels
+from tests import corpus
+from trainer import serving
+
+LABELS = ("red", "green", "blue")
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> str:
+    """A colour classifier exported by `trainer.serving.export`: mean RGB -> softmax.
+    Built, not trained: the test is about the pipeline, and this is instant."""
+    inputs = keras.Input((16, 16, 3), dtype="uint8")
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
+    dense = keras.layers.Dense(len(LABELS), activation="softmax")
+    model = keras.Model(inputs, dense(pooled))
+    dense.set_weights([np.eye(3, dtype="float32") * 20, np.zeros(3, "float32")])
+    path = str(tmp_path_factory.mktemp("model") / "saved_model")
+    serving.export(model, path, LABELS, 16, 16)
+    return path
+
+
+def _picture(colour, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(colour) + rng.integers(-25, 25, (20, 30, 3)), 0, 255)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def write_photos(root: Path) -> dict:
+    """Class folders of 4 pictures a colour (one 'red' picture filed under blue: a
+    mistake the model must make), plus broken files; returns what predict must report."""
+    for index, (label, colour) in enumerate([(c, COLOURS[c]) for c in LABELS for _ in range(4)]):
+        folder = root / label
+        folder.mkdir(parents=True, exist_ok=True)
+        fmt = ["JPEG", "PNG"][index % 2]
+        _picture(colour, index).save(folder / f"{index}.{fmt.lower()}", format=fmt)
+    _picture(COLOURS["red"], 99).save(root / "blue" / "misfiled.jpg")
+    (root / "purple").mkdir()  # a class the model does not know
+    _picture((128, 0, 128), 7).save(root / "purple" / "p.png")
+    broken = {
+        "red/bomb.png": (corpus.png_bomb(), "too_many_pixels"),
+        "green/text.jpg": (b"not an image at all", "not_an_image"),
+        "green/empty.jpg": (b"", "not_an_image"),
+        "blue/truncated.jpg": (corpus.encode(_picture(COLOURS["blue"], 5), "JPEG")[:300],
+                               "undecodable"),
+    }
+    for name, (data, _) in broken.items():
+        (root / name).write_bytes(data)
+    os.symlink(root / "missing.jpg", root / "red" / "dangling.jpg")
+    (root / "red" / "notes.txt").write_text("skipped: not an image name")
+    return {"errors": {**{name: reason for name, (_, reason) in broken.items()},
+                       "red/dangling.jpg": "unreadable"},
+            "predicted": 12 + 2, "skipped": 1}
+
+
+def read_output(root: Path) -> tuple[list[dict], list[dict], dict]:
+    predictions = [json.loads(line) for path in sorted((root / "predictions").glob("*.jsonl"))
+                   for line in path.read_text().splitlines()]
+    errors = [json.loads(line) for line in (root / "errors" / "errors.jsonl").read_text()
+              .splitlines()]
+    return predictions, errors, json.loads((root / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def predicted(saved_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    expected = write_photos(root / "photos")
+    # batch_size 4: the bad files share batches with good ones
+    code = command.run(["--model", saved_model, "--input", str(root / "photos"),
+                        "--output", str(root / "out"), "--batch_size", "4"])
+    assert code == 0
+    return root, expected, read_output(root / "out")
+
+
+def test_predictions_equal_direct_calls_of_the_signature(predicted, saved_model):
+    root, _, (predictions, _, summary) = predicted
+    _, serve = load_signature(saved_model)
+    assert model_labels(serve) == LABELS == tuple(summary["labels"])
+    for row in predictions:
+        data = Path(row["uri"]).read_bytes()
+        direct = serve(image_bytes=tf.constant([data]))
+        probabilities = direct["probabilities"].numpy()[0]
+        assert row["label"] == direct["label"].numpy()[0].decode()
+        assert row["class_id"] == int(direct["class_id"].numpy()[0])
+        assert row["probability"] == pytest.approx(probabilities[row["class_id"]], abs=1e-6)
+        assert [t["label"] for t in row["top_k"]] == [
+            LABELS[i] for i in np.argsort(-probabilities, kind="stable")]
+        assert [t["probability"] for t in row["top_k"]] == pytest.approx(
+            sorted(probabilities, reverse=True), abs=1e-6)
+        import hashlib
+        assert row["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_every_file_is_accounted_for_and_corrupt_files_are_dead_letters(predicted):
+    root, expected, (predictions, errors, summary) = predicted
+    photos = root / "photos"
+    assert {Path(e["uri"]).relative_to(photos).as_posix(): e["reason"] for e in errors} == (
+        expected["errors"])
+    assert len(predictions) == expected["predicted"]
+    assert summary["accounting"] == {
+        "files_seen": expected["predicted"] + len(expected["errors"]) + expected["skipped"],
+        "predicted": expected["predicted"], "errors": len(expected["errors"]),
+        "skipped": expected["skipped"], "hidden_ignored": 0}
+    # Every good file beside a corrupt one (batches of 4) was predicted.
+    listed = {p.relative_to(photos).as_posix() for p in photos.rglob("*") if p.is_file()
+              or p.is_symlink()}
+    answered = {Path(r["uri"]).relative_to(photos).as_posix() for r in predictions}
+    assert answered == listed - set(expected["errors"]) - {"red/notes.txt"}
+    assert not (root / "out" / "_IN_PROGRESS").exists()
+    assert not (root / "out" / "_tmp").exists()
+
+
+def test_summary_accuracy_equals_a_recount_from_predictions(predicted):
+    _, _, (predictions, _, summary) = predicted
+    evaluation = summary["evaluation"]
+    known = [r for r in predictions if r["true_labels"][0] in LABELS]
+    correct = sum(r["label"] == r["true_labels"][0] for r in known)
+    assert evaluation["evaluated"] == len(known) == 13
+    assert evaluation["accuracy"] == correct / len(known) == 12 / 13  # the misfiled one
+    assert evaluation["unknown_true_labels"] == {"purple": 1}
+    rows = evaluation["confusion_matrix"]["rows"]
+    assert rows[LABELS.index("blue")][LABELS.index("red")] == 1
+    assert evaluation["per_class"]["blue"]["recall"] == 4 / 5
+    assert summary["predicted_labels"] == {
+        label: sum(r["label"] == label for r in predictions) for label in LABELS}
+
+
+def test_rerun_needs_overwrite_and_foreign_outputs_are_refused(predicted, saved_model, tmp_path):
+    root, _, (predictions, _, _) = predicted
+    args = ["--model", saved_model, "--input", str(root / "photos"), "--batch_size", "64"]
+    assert command.run([*args, "--output", str(root / "out")]) == 2  # complete: ours
+    foreign = tmp_path / "theirs"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"precious")
+    assert command.run([*args, "--output", str(foreign)]) == 2
+    assert sorted(p.name for p in foreign.iterdir()) == ["holiday.jpg"]
+    assert command.run([*args, "--output", str(root / "photos" / "out")]) == 2  # overlap
+    assert command.run([*args, "--output", str(root / "out"), "--overwrite"]) == 0
+    again, _, _ = read_output(root / "out")
+    key = lambda row: row["uri"]  # noqa: E731
+    assert sorted(again, key=key) == sorted(predictions, key=key)
