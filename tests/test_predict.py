@@ -153,3 +153,62 @@ def test_rerun_needs_overwrite_and_foreign_outputs_are_refused(predicted, saved_
     again, _, _ = read_output(root / "out")
     key = lambda row: row["uri"]  # noqa: E731
     assert sorted(again, key=key) == sorted(predictions, key=key)
+
+
+def test_labels_csv_and_a_retraining_current_json(saved_model, tmp_path):
+    expected = write_photos(tmp_path / "photos")
+    rows = ["uri,label", "red/0.jpeg,red", "green/5.png,green", "green/text.jpg,green",
+            "blue/misfiled.jpg,blue", "../outside.jpg,red"]
+    (tmp_path / "photos" / "labels.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "current.json").write_text(json.dumps({"saved_model": saved_model}))
+    assert command.run(["--model", str(tmp_path / "root" / "current.json"), "--labels",
+                        str(tmp_path / "photos" / "labels.csv"),
+                        "--output", str(tmp_path / "out")]) == 0
+    predictions, errors, summary = read_output(tmp_path / "out")
+    assert summary["model"] == saved_model and expected
+    assert summary["accounting"] == {"files_seen": 5, "predicted": 3, "errors": 1,
+                                     "skipped": 1, "hidden_ignored": 0}
+    assert [e["reason"] for e in errors] == ["not_an_image"]
+    assert summary["evaluation"]["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_gs_input_and_output(saved_model, tmp_path):
+    from apache_beam.io.filesystems import FileSystems
+
+    from tests.support.gcs_emulator import GcsEmulator
+
+    expected = write_photos(tmp_path / "photos")
+    (tmp_path / "photos" / "red" / "dangling.jpg").unlink()
+    del expected["errors"]["red/dangling.jpg"]
+    with GcsEmulator() as emulator:
+        emulator.create_bucket("images")
+        emulator.upload_folder(str(tmp_path / "photos"), "gs://images/raw")
+        assert command.run(["--model", saved_model, "--input", "gs://images/raw",
+                            "--output", "gs://images/preds", "--batch_size", "4"]) == 0
+
+        def lines(path):
+            with FileSystems.open(path) as handle:
+                return [json.loads(line) for line in handle.read().decode().splitlines()]
+
+        summary = json.loads(FileSystems.open("gs://images/preds/summary.json").read())
+        errors = lines("gs://images/preds/errors/errors.jsonl")
+        predictions = [row for match in FileSystems.match(
+            ["gs://images/preds/predictions/*.jsonl"])[0].metadata_list
+            for row in lines(match.path)]
+        assert not FileSystems.exists("gs://images/preds/_IN_PROGRESS")
+    assert {e["uri"].removeprefix("gs://images/raw/"): e["reason"] for e in errors} == (
+        expected["errors"])
+    assert len(predictions) == summary["accounting"]["predicted"] == expected["predicted"]
+    local = {Path(r["uri"]).relative_to(tmp_path / "photos").as_posix(): r for r in
+             read_output_local(saved_model, tmp_path)}
+    for row in predictions:
+        twin = local[row["uri"].removeprefix("gs://images/raw/")]
+        assert (row["label"], row["sha256"]) == (twin["label"], twin["sha256"])
+        assert row["probability"] == pytest.approx(twin["probability"], abs=1e-6)
+
+
+def read_output_local(saved_model: str, tmp_path: Path) -> list[dict]:
+    assert command.run(["--model", saved_model, "--input", str(tmp_path / "photos"),
+                        "--output", str(tmp_path / "local")]) == 0
+    return read_output(tmp_path / "local")[0]
