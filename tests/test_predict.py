@@ -212,3 +212,33 @@ def read_output_local(saved_model: str, tmp_path: Path) -> list[dict]:
     assert command.run(["--model", saved_model, "--input", str(tmp_path / "photos"),
                         "--output", str(tmp_path / "local")]) == 0
     return read_output(tmp_path / "local")[0]
+
+
+def test_a_rest_body_gives_the_signature_answer(saved_model, tmp_path):
+    """Vertex / TF Serving REST bodies, mapped as TF Serving maps them."""
+    import base64
+
+    from pipelines.prediction import rest
+
+    blobs = [corpus.encode(_picture(COLOURS[label], i), fmt)
+             for i, (label, fmt) in enumerate([("red", "JPEG"), ("blue", "PNG"),
+                                               ("green", "JPEG")])]
+    b64 = [{"b64": base64.b64encode(blob).decode()} for blob in blobs]
+    _, serve = load_signature(saved_model)
+    direct = serve(image_bytes=tf.constant(blobs))
+    expected = [{"label": direct["label"].numpy()[i].decode(),
+                 "class_id": int(direct["class_id"].numpy()[i]),
+                 "probabilities": direct["probabilities"].numpy()[i].tolist()}
+                for i in range(len(blobs))]
+    assert [row["label"] for row in expected] == ["red", "blue", "green"]
+    bodies = [{"instances": [{"image_bytes": value} for value in b64]},
+              {"instances": b64},
+              {"inputs": {"image_bytes": b64}},
+              {"inputs": b64}]
+    for body in bodies:
+        answer = rest.predict(serve, json.loads(json.dumps(body)))  # as sent over the wire
+        assert json.loads(json.dumps(answer)) == {"predictions": expected}, body
+    for bad in ({"instances": [{"image": b64[0]}]}, {"instances": [], "inputs": b64},
+                {"instances": [{"b64": "not base64!"}]}):
+        with pytest.raises((rest.RequestError, ValueError)):
+            rest.request_inputs(bad, ["image_bytes"])
