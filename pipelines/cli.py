@@ -40,6 +40,7 @@ COMMANDS: dict[str, Command] = {
     "retrain": Command(
         "pipelines.retrain",
         "one scheduled retraining tick: new images, a candidate model, gate, promote"),
+    "predict": Command("pipelines.predict", "images -> a SavedModel's predictions, summary.json"),
 }
 
 # Every command's exit statuses, gathered from the modules' run()/main() docstrings.

@@ -17,5 +17,11 @@ import sys  # noqa: E402
 
 from pipelines.prediction.command import run  # noqa: E402
 
+
+def main() -> int:
+    """`python -m pipelines.predict` and `imagebeam predict`: the exit code of `run`."""
+    return run()
+
+
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(main())
