@@ -1,7 +1,10 @@
 """Command-line flags and Vertex AI environment variables, parsed into a frozen config.
 
     python -m trainer.task --data URI --model_dir URI [--epochs N] [--batch_size B]
-        [--model small_cnn|mobilenet_v3_small|efficientnet_b0|resnet50|linear]
+        [--model small_cnn|mobilenet_v3_small|mobilenet_v3_large|efficientnet_b0|
+                 efficientnet_v2_b0|resnet50|linear] [--weights none|imagenet|PATH]
+        [--freeze_epochs N] [--unfreeze K] [--fine_tune_learning_rate LR]
+        [--class_weight none|balanced]
         [--learning_rate LR] [--shuffle_buffer 64MB] [--cache none|memory|PATH]
         [--mixed_precision auto|on|off] [--jit auto|on|off] [--warm_start PATH]
         [--steps_per_execution N] [--cpu_replicas N]
@@ -20,7 +23,10 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 
-MODELS = ("small_cnn", "mobilenet_v3_small", "efficientnet_b0", "resnet50", "linear")
+MODELS = ("small_cnn", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+          "efficientnet_v2_b0", "resnet50", "linear")
+PRETRAINABLE = MODELS[1:-1]  # the Keras applications
+CLASS_WEIGHTS = ("none", "balanced")
 SWITCH = ("auto", "on", "off")
 DEFAULT_SHUFFLE_BUFFER = "64MB"
 DEFAULT_STEPS_PER_EXECUTION = 16
@@ -59,6 +65,15 @@ class TrainConfig:
     # >1: split this machine's CPU into that many logical devices and mirror the model over
     # them (MirroredStrategy), to run the multi-device path without GPUs.
     cpu_replicas: int = 1
+    weights: str = "none"  # none | imagenet | a weights file of the backbone
+    freeze_epochs: int = 0  # first epochs train the head only, the backbone frozen
+    unfreeze: int | None = None  # after them: the top K backbone layers (None: all)
+    fine_tune_learning_rate: float | None = None  # after them (None: learning_rate / 10)
+    class_weight: str = "none"  # none | balanced: n / (classes * count) per train label
+
+    @property
+    def pretrained(self) -> bool:
+        return self.weights != "none"
 
 
 def parse_bytes(text: str) -> int:
@@ -103,6 +118,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpu_replicas", type=int, default=1,
                         help="N > 1: mirror the model over N logical CPU devices "
                         "(MirroredStrategy without GPUs: for trying and testing that path)")
+    parser.add_argument("--weights", default="none", metavar="none|imagenet|PATH",
+                        help="backbone weights of a Keras application: none (random, the "
+                        "default), imagenet (downloaded by Keras: needs the internet) or a "
+                        ".weights.h5 file of the backbone; pretrained weights bring the "
+                        "application's own input scaling (docs/training.md)")
+    parser.add_argument("--freeze_epochs", type=int, default=0,
+                        help="train the head only, the backbone frozen, for the first N "
+                        "epochs at --learning_rate; then fine-tune at "
+                        "--fine_tune_learning_rate (needs --weights)")
+    parser.add_argument("--unfreeze", type=int, metavar="K",
+                        help="after --freeze_epochs, unfreeze only the top K backbone layers "
+                        "(default: all)")
+    parser.add_argument("--fine_tune_learning_rate", type=float,
+                        help="learning rate after --freeze_epochs (default: --learning_rate "
+                        "/ 10)")
+    parser.add_argument("--class_weight", choices=CLASS_WEIGHTS, default="none",
+                        help="balanced: weight each train example n / (classes * count of "
+                        "its label), from the manifest's class_counts")
     parser.add_argument("--warm_start", metavar="PATH",
                         help="checkpoint folder of an earlier run with the same --model and "
                         "labels: its weights start this run (ignored when resuming)")
@@ -124,6 +157,20 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
         raise UsageError("--steps_per_execution must be at least 1")
     if args.cpu_replicas < 1:
         raise UsageError("--cpu_replicas must be at least 1")
+    if args.weights != "none" and args.model not in PRETRAINABLE:
+        raise UsageError(f"--weights {args.weights}: only the Keras applications "
+                         f"({', '.join(PRETRAINABLE)}) take pretrained weights")
+    if args.freeze_epochs < 0 or (args.unfreeze is not None and args.unfreeze < 0):
+        raise UsageError("--freeze_epochs and --unfreeze must not be negative")
+    if args.freeze_epochs and args.weights == "none":
+        raise UsageError("--freeze_epochs needs pretrained --weights: a random backbone "
+                         "frozen is no feature extractor")
+    if (args.unfreeze is not None or args.fine_tune_learning_rate is not None) and (
+            not args.freeze_epochs):
+        raise UsageError("--unfreeze and --fine_tune_learning_rate apply after "
+                         "--freeze_epochs N (N at least 1)")
+    if args.fine_tune_learning_rate is not None and args.fine_tune_learning_rate <= 0:
+        raise UsageError("--fine_tune_learning_rate must be positive")
     return TrainConfig(
         data=args.data.rstrip("/"),
         model_dir=model_dir,
@@ -145,4 +192,9 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
         warm_start=args.warm_start.rstrip("/") if args.warm_start else None,
         steps_per_execution=args.steps_per_execution,
         cpu_replicas=args.cpu_replicas,
+        weights=args.weights,
+        freeze_epochs=args.freeze_epochs,
+        unfreeze=args.unfreeze,
+        fine_tune_learning_rate=args.fine_tune_learning_rate,
+        class_weight=args.class_weight,
     )

@@ -44,8 +44,13 @@ class DistributedTrainer:
     """Trains and evaluates a compiled Keras classifier (softmax outputs, integer labels)
     under `strategy`; the model and its optimizer must have been built in its scope."""
 
-    def __init__(self, model: keras.Model, strategy: tf.distribute.Strategy, global_batch: int):
+    def __init__(self, model: keras.Model, strategy: tf.distribute.Strategy, global_batch: int,
+                 class_weight: dict[int, float] | None = None):
+        """class_weight: {label id: weight} multiplying each train example's loss, as
+        `fit(class_weight=...)` does; None: every example weighs 1."""
         self.model, self.strategy, self.global_batch = model, strategy, global_batch
+        self._class_weight = None if class_weight is None else tf.constant(
+            [class_weight[i] for i in range(len(class_weight))], tf.float32)
         self._loss = keras.losses.SparseCategoricalCrossentropy(reduction=None)
         self._train_steps = tf.function(self._distributed_train_steps)
         self._eval_step = tf.function(self._local_eval_step)
@@ -59,6 +64,8 @@ class DistributedTrainer:
         with tf.GradientTape() as tape:
             probabilities = model(images, training=True)
             per_example = self._loss(labels, tf.cast(probabilities, tf.float32))
+            if self._class_weight is not None:
+                per_example *= tf.gather(self._class_weight, labels)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch)
             if model.losses:  # regularisation, once per replica, split among them
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))

@@ -10,14 +10,17 @@ numbers once (`pipelines.contract.transform_output`) and bake them into a Keras 
 SavedModel and any later re-export apply the same arithmetic, and the trainer and
 serving code import Keras 3 only (tf_keras is loaded just to read the transform).
 
-Applications are built with `weights=None` and `include_top=False`; ours adds
-global average pooling and a float32 softmax (float32 even under mixed precision,
-so probabilities sum to 1).
+Applications are built with `include_top=False` and average pooling; ours adds a
+float32 softmax (float32 even under mixed precision, so probabilities sum to 1). From
+scratch (`weights="none"`) they get the mean/std normalisation; with pretrained weights
+(ImageNet, or a weights file) the input scaling those weights were trained with, also
+inside the model, so the SavedModel serves what was trained (docs/training.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
 
 import keras
 import numpy as np
@@ -62,22 +65,73 @@ def _small_cnn(x):
     return keras.layers.Dropout(0.2)(_pool(x))
 
 
-def _application(builder: Callable, **kwargs) -> Callable:
-    def build(x):
-        backbone = builder(include_top=False, weights=None, input_shape=tuple(x.shape[1:]),
-                           pooling="avg", **kwargs)
-        return keras.layers.Dropout(0.2)(backbone(x))
-    return build
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights could not be had (ImageNet offline, or an unreadable file)."""
 
 
-BACKBONES: dict[str, tuple[Callable, float]] = {
-    # name: (features from normalised pixels, factor the backbone's own rescaling needs)
-    "small_cnn": (_small_cnn, 1.0),
-    "mobilenet_v3_small": (_application(keras.applications.MobileNetV3Small,
-                                        include_preprocessing=False), 1.0),
-    "efficientnet_b0": (_application(keras.applications.EfficientNetB0), 255.0),
-    "resnet50": (_application(keras.applications.ResNet50), 1.0),
+@dataclasses.dataclass(frozen=True)
+class Application:
+    """A Keras application: how to build it, and the input its pretrained weights expect.
+
+    `builder(include_top=False, weights=..., input_shape=..., pooling="avg", **kwargs)`.
+    From scratch, the tf.Transform mean/std normalisation feeds it; `scratch_kwargs` turn
+    off any rescaling of its own and `scratch_scale` undoes one that cannot be turned off
+    (EfficientNet divides by 255 internally). With pretrained weights its own
+    preprocessing applies instead: `pretrained_kwargs` turn it on, and `preprocess`,
+    when set, maps float 0..255 RGB to what the weights were trained on.
+    """
+
+    builder: Callable
+    scratch_kwargs: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    scratch_scale: float = 1.0
+    pretrained_kwargs: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    preprocess: Callable | None = None
+
+
+_OFF, _ON = {"include_preprocessing": False}, {"include_preprocessing": True}
+APPLICATIONS: dict[str, Application] = {
+    # MobileNetV3 and EfficientNetV2 rescale to [-1, 1] or ImageNet statistics themselves
+    # when include_preprocessing; EfficientNet(B0) always does (Rescaling + Normalization);
+    # ResNet50's weights expect Caffe's BGR with the ImageNet mean subtracted.
+    "mobilenet_v3_small": Application(keras.applications.MobileNetV3Small, _OFF, 1.0, _ON),
+    "mobilenet_v3_large": Application(keras.applications.MobileNetV3Large, _OFF, 1.0, _ON),
+    "efficientnet_b0": Application(keras.applications.EfficientNetB0, {}, 255.0, {}),
+    "efficientnet_v2_b0": Application(keras.applications.EfficientNetV2B0, _OFF, 1.0, _ON),
+    "resnet50": Application(keras.applications.ResNet50,
+                            preprocess=keras.applications.resnet50.preprocess_input),
 }
+BACKBONES = ("small_cnn", *APPLICATIONS)
+
+
+def make_backbone(name: str, image_shape: tuple[int, int, int],
+                  weights: str = "none") -> keras.Model:
+    """The application `name` without its top, pooled: float [B, H, W, 3] -> [B, features].
+
+    weights: `none` (random), `imagenet` (downloaded by Keras, cached under ~/.keras) or
+    the path of a weights file (`.weights.h5`, as `backbone.save_weights` writes) of the
+    same application and input shape. Raises WeightsUnavailable when they cannot be had.
+    """
+    app = APPLICATIONS[name]
+    kwargs = app.scratch_kwargs if weights == "none" else app.pretrained_kwargs
+    try:
+        backbone = app.builder(include_top=False,
+                               weights="imagenet" if weights == "imagenet" else None,
+                               input_shape=tuple(image_shape), pooling="avg", **kwargs)
+    except Exception as err:  # Keras raises a bare Exception on a failed download
+        if weights != "imagenet":
+            raise
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise WeightsUnavailable(
+            f"--weights imagenet needs the internet to download ImageNet weights; pass "
+            f"--weights PATH to a weights file ({first_line})") from err
+    if weights not in ("none", "imagenet"):
+        try:
+            backbone.load_weights(weights)
+        except (OSError, ValueError) as err:
+            raise WeightsUnavailable(
+                f"--weights {weights}: not a weights file of {name} at {image_shape}: "
+                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    return backbone
 
 
 def make_model(
@@ -86,27 +140,50 @@ def make_model(
     num_classes: int,
     mean: np.ndarray,
     std: np.ndarray,
+    weights: str = "none",
 ) -> keras.Model:
-    """A classifier over uint8 images.
+    """A classifier over uint8 images, its input preprocessing inside.
 
     Args:
       name: `linear` (normalise, global average pool, dense: a
-        probe that costs nothing, to benchmark the input pipeline) or one of BACKBONES.
+        probe that costs nothing, to benchmark the input pipeline), `small_cnn`, or one of
+        APPLICATIONS.
       image_shape: (height, width, 3).
       num_classes: number of labels.
-      mean, std: float32 [3], per-channel statistics of 0..255 train pixels.
+      mean, std: float32 [3], per-channel statistics of 0..255 train pixels: the
+        normalisation of models trained from scratch.
+      weights: `none`, `imagenet` or a weights file (applications only, see
+        make_backbone). Pretrained weights bring the application's own preprocessing in
+        place of mean/std. The backbone is the layer named `backbone`.
     Returns:
       Model: uint8 [B, H, W, 3] -> float32 [B, num_classes] softmax probabilities.
     """
     inputs = keras.Input(image_shape, dtype="uint8", name="image")
+    if name == "linear" or name == "small_cnn":
+        if weights != "none":
+            raise ValueError(f"--weights {weights}: {name} has no pretrained weights")
     if name == "linear":
         # Pool, then normalise: the same function (the normalisation is affine per
         # channel), but on [B, 3] instead of [B, H, W, 3], so the probe costs next to
         # nothing beside the input pipeline it measures.
         x = normalization(mean, std)(_channel_means(keras.ops.cast(inputs, "float32")))
+    elif name == "small_cnn":
+        x = _small_cnn(normalization(mean, std)(inputs))
     else:
-        features, scale = BACKBONES[name]
-        x = features(normalization(mean, std, scale)(inputs))
+        app = APPLICATIONS[name]
+        backbone = make_backbone(name, image_shape, weights)
+        backbone.name = "backbone"
+        if weights == "none":
+            x = normalization(mean, std, app.scratch_scale)(inputs)
+        else:
+            x = keras.ops.cast(inputs, "float32")
+            if app.preprocess is not None:
+                x = app.preprocess(x)
+        # training=False: BatchNorm stays in inference mode when the backbone is unfrozen
+        # for fine-tuning (Keras' transfer-learning guide); from scratch it learns its
+        # statistics as before.
+        x = backbone(x, training=False) if weights != "none" else backbone(x)
+        x = keras.layers.Dropout(0.2)(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
                                  name="probabilities")(x)
     return keras.Model(inputs, outputs, name=name)

@@ -15,6 +15,7 @@ status 143.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import resource
@@ -31,9 +32,10 @@ from tensorflow.core.framework import summary_pb2
 from pipelines.contract.manifest import ManifestError, read_manifest
 from pipelines.contract.transform_output import normalization_from_transform_output
 from trainer import checkpoints, distribute, loop, serving
+from trainer import evaluation as evaluation_lib
 from trainer import input as input_lib
 from trainer.config import TrainConfig, UsageError
-from trainer.model import make_model
+from trainer.model import WeightsUnavailable, make_model
 
 log = logging.getLogger(__name__)
 _SAVED_MODEL_ENTRIES = ("saved_model.pb", "fingerprint.pb", "variables", "assets")
@@ -43,15 +45,66 @@ class Preempted(Exception):
     """SIGTERM arrived; the last completed epoch is checkpointed."""
 
 
-def load_data(config: TrainConfig) -> tuple[input_lib.DataSpec, checkpoints.TrainedOn]:
-    """The preprocess output's manifest (local or gs://) as a DataSpec, and the record of
-    training `config.model` on it that checkpoints must match to be resumed."""
+def load_data(config: TrainConfig) -> tuple[input_lib.DataSpec, checkpoints.TrainedOn,
+                                            dict[int, float] | None]:
+    """The preprocess output's manifest (local or gs://) as a DataSpec, the record of
+    training `config.model` on it that checkpoints must match to be resumed, and the
+    class weights `config.class_weight` asks for (None: unweighted)."""
     try:
         manifest = read_manifest(config.data)
     except ManifestError as err:
         raise UsageError(f"--data: {err}") from err
+    # Pretrained weights change the model's input layers: their checkpoints are another
+    # model's.
+    model = f"{config.model} (pretrained)" if config.pretrained else config.model
+    weights = None
+    if config.class_weight == "balanced":
+        counts = manifest["splits"]["train"].get("class_counts", {})
+        weights = balanced_class_weights([int(counts.get(label, 0))
+                                          for label in manifest["labels"]])
     return (input_lib.DataSpec.from_manifest(config.data, manifest),
-            checkpoints.TrainedOn.of(config.data, manifest, config.model))
+            checkpoints.TrainedOn.of(config.data, manifest, model), weights)
+
+
+def balanced_class_weights(counts: list[int]) -> dict[int, float]:
+    """{label id: n / (classes * count)} over train label counts in label order; a label
+    with no train examples gets 0 (it has no loss to weigh)."""
+    total, classes = sum(counts), len(counts)
+    return {i: (total / (classes * count) if count else 0.0) for i, count in enumerate(counts)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """Epochs [start, end) trained with the backbone frozen or not, at one learning rate."""
+
+    start: int
+    end: int
+    frozen: bool
+    learning_rate: float
+
+
+def phases(config: TrainConfig) -> list[Phase]:
+    """The fine-tuning schedule: --freeze_epochs with the backbone frozen at
+    --learning_rate, then the rest unfrozen (--unfreeze) at --fine_tune_learning_rate.
+    Without --freeze_epochs, one phase of every epoch at --learning_rate."""
+    freeze = min(config.freeze_epochs, config.epochs)
+    if not freeze:
+        return [Phase(0, config.epochs, False, config.learning_rate)]
+    tuned = (config.fine_tune_learning_rate if config.fine_tune_learning_rate is not None
+             else config.learning_rate / 10)
+    return [p for p in (Phase(0, freeze, True, config.learning_rate),
+                        Phase(freeze, config.epochs, False, tuned)) if p.end > p.start]
+
+
+def set_backbone_trainable(model: keras.Model, frozen: bool, unfreeze: int | None) -> None:
+    """Freezes the layer named `backbone`, or unfreezes it (only its top `unfreeze`
+    layers when given). The caller recompiles: Keras reads trainability at compile."""
+    backbone = model.get_layer("backbone")
+    backbone.trainable = not frozen
+    if not frozen and unfreeze is not None:
+        layers = backbone.layers
+        for layer in layers[:max(len(layers) - unfreeze, 0)]:
+            layer.trainable = False
 
 
 def load_normalization(spec: input_lib.DataSpec) -> dict:
@@ -152,26 +205,34 @@ def run(config: TrainConfig) -> dict:
     """Trains, evaluates and exports as `config` says; returns the metrics it wrote."""
     runtime = distribute.setup(config.mixed_precision, config.jit,
                                cpu_replicas=config.cpu_replicas)
-    spec, trained_on = load_data(config)
+    spec, trained_on, class_weight = load_data(config)
     norm = load_normalization(spec)
     keras.utils.set_random_seed(config.seed)
     steps = input_lib.steps_per_epoch(spec.num_examples("train"), config.batch_size)
     several_replicas = runtime.num_replicas > 1
+    schedule = phases(config)
     if several_replicas:
         try:
             loop.per_replica_batch(config.batch_size, runtime.num_replicas)
         except ValueError as err:
             raise UsageError(str(err)) from err
+        if len(schedule) > 1:
+            raise UsageError("--freeze_epochs runs on one replica only; the several-replica "
+                             "loop trains one phase")
+    spe = min(config.steps_per_execution, steps)
     with runtime.strategy.scope():
-        model = make_model(config.model, (spec.height, spec.width, 3), len(spec.labels),
-                           norm["mean"], norm["std"])
-        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
-                      loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                      jit_compile=runtime.jit,
-                      steps_per_execution=min(config.steps_per_execution, steps))
-        model.optimizer.build(model.trainable_variables)  # slots exist before a restore
+        try:
+            model = make_model(config.model, (spec.height, spec.width, 3), len(spec.labels),
+                               norm["mean"], norm["std"], weights=config.weights)
+        except WeightsUnavailable as err:
+            raise UsageError(str(err)) from err
+        optimizer = keras.optimizers.Adam(config.learning_rate)
+        _compile(model, optimizer, runtime.jit, spe)
+        # Slots for every variable exist before a restore, also those a frozen phase skips.
+        model.optimizer.build(model.trainable_variables)
     # Keras' fit does not run with several replicas (trainer.loop says why).
-    trainer = (loop.DistributedTrainer(model, runtime.strategy, config.batch_size)
+    trainer = (loop.DistributedTrainer(model, runtime.strategy, config.batch_size,
+                                       class_weight=class_weight)
                if several_replicas else None)
     state = checkpoints.TrainingState(model, config.checkpoint_dir, runtime, trained_on)
     resumed_from, history = state.restore()
@@ -193,20 +254,36 @@ def run(config: TrainConfig) -> dict:
                 trainer.fit(_train_input(config, spec, resumed_from), epochs=config.epochs,
                             initial_epoch=resumed_from, steps_per_epoch=steps,
                             validation=validation, callbacks=callbacks,
-                            verbose=runtime.is_chief,
-                            steps_per_execution=min(config.steps_per_execution, steps))
+                            verbose=runtime.is_chief, steps_per_execution=spe)
             else:
-                train = _train_input(config, spec, resumed_from)(None)
-                model.fit(train, epochs=config.epochs, initial_epoch=resumed_from,
-                          steps_per_epoch=steps, validation_data=validation,
-                          callbacks=callbacks,
-                          shuffle=False,  # the dataset shuffles; Keras cannot shuffle a stream
-                          verbose=1 if progress else 2)
-    evaluation = {
-        split: _rounded(_evaluate(model, trainer,
-                                  input_lib.eval_dataset(spec, split, config.batch_size)))
-        for split in ("validation", "test") if has[split]
-    }
+                # The phase follows from the completed epoch, so a resumed run picks up the
+                # schedule where the checkpoint left it.
+                for phase in schedule:
+                    if phase.end <= resumed_from:
+                        continue
+                    first = max(phase.start, resumed_from)
+                    if len(schedule) > 1:
+                        set_backbone_trainable(model, phase.frozen, config.unfreeze)
+                        # The same optimizer (its slots and step count are checkpointed).
+                        model.optimizer.learning_rate.assign(phase.learning_rate)
+                        _compile(model, model.optimizer, runtime.jit, spe)
+                        log.info("epochs %d-%d: backbone %s, learning rate %g", first + 1,
+                                 phase.end, "frozen" if phase.frozen else "unfrozen"
+                                 if config.unfreeze is None else
+                                 f"top {config.unfreeze} layers unfrozen", phase.learning_rate)
+                    train = _train_input(config, spec, first)(None)
+                    model.fit(train, epochs=phase.end, initial_epoch=first,
+                              steps_per_epoch=steps, validation_data=validation,
+                              callbacks=callbacks, class_weight=class_weight,
+                              shuffle=False,  # the dataset shuffles; Keras cannot shuffle
+                              verbose=1 if progress else 2)
+    evaluation = {}
+    for split in ("validation", "test"):
+        if has[split]:
+            dataset = input_lib.eval_dataset(spec, split, config.batch_size)
+            evaluation[split] = {**_rounded(_evaluate(model, trainer, dataset)),
+                                 **evaluation_lib.evaluate(*_predictions(model, dataset),
+                                                           spec.labels)}
     _export(model, spec, config, runtime)
     metrics = {
         "epochs": len(history),
@@ -217,6 +294,13 @@ def run(config: TrainConfig) -> dict:
         "input_images_per_s": _steady_rate(history),
         "peak_rss_mb": peak_rss_mb(),
         "model": config.model,
+        "weights": config.weights,
+        "input_scaling": (f"{config.model} preprocessing" if config.pretrained
+                          else "normalization"),
+        "schedule": [dataclasses.asdict(p) for p in schedule],
+        "unfreeze": config.unfreeze,
+        "class_weight": ({spec.labels[i]: round(w, 5) for i, w in class_weight.items()}
+                         if class_weight else None),
         "global_batch_size": config.batch_size,
         "steps_per_epoch": steps,
         "replicas": runtime.num_replicas,
@@ -234,6 +318,13 @@ def run(config: TrainConfig) -> dict:
     if runtime.is_chief:
         _write_json(f"{config.model_dir}/metrics.json", metrics)
     return metrics
+
+
+def _compile(model: keras.Model, optimizer: keras.optimizers.Optimizer, jit: bool,
+             steps_per_execution: int) -> None:
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"], jit_compile=jit,
+                  steps_per_execution=steps_per_execution)
 
 
 def _train_input(config: TrainConfig, spec: input_lib.DataSpec, start_epoch: int):
@@ -256,6 +347,19 @@ def _evaluate(model: keras.Model, trainer: loop.DistributedTrainer | None,
     if trainer:
         return trainer.evaluate(dataset)
     return model.evaluate(dataset, return_dict=True, verbose=0)
+
+
+def _predictions(model: keras.Model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 [N, K] probabilities, int64 [N] labels) over every batch of `dataset`,
+    on this worker alone (mirrored variables: every worker computes the same)."""
+    predict = tf.function(lambda images: tf.cast(model(images, training=False), tf.float32))
+    probabilities, labels = [], []
+    for images, batch_labels in dataset:
+        probabilities.append(predict(images).numpy())
+        labels.append(batch_labels.numpy())
+    if not labels:
+        return np.zeros((0, model.outputs[0].shape[-1]), np.float32), np.zeros(0, np.int64)
+    return np.concatenate(probabilities), np.concatenate(labels).astype(np.int64)
 
 
 def warm_start(model: keras.Model, directory: str) -> str:
