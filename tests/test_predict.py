@@ -149,6 +149,8 @@ def test_rerun_needs_overwrite_and_foreign_outputs_are_refused(predicted, saved_
     assert command.run([*args, "--output", str(foreign)]) == 2
     assert sorted(p.name for p in foreign.iterdir()) == ["holiday.jpg"]
     assert command.run([*args, "--output", str(root / "photos" / "out")]) == 2  # overlap
+    assert command.run([*args, "--output", str(Path(saved_model) / "preds")]) == 2
+    assert not (Path(saved_model) / "preds").exists() and not (root / "photos" / "out").exists()
     assert command.run([*args, "--output", str(root / "out"), "--overwrite"]) == 0
     again, _, _ = read_output(root / "out")
     key = lambda row: row["uri"]  # noqa: E731
@@ -242,3 +244,43 @@ def test_a_rest_body_gives_the_signature_answer(saved_model, tmp_path):
                 {"instances": [{"b64": "not base64!"}]}):
         with pytest.raises((rest.RequestError, ValueError)):
             rest.request_inputs(bad, ["image_bytes"])
+
+
+def test_a_refused_batch_is_retried_file_by_file_without_io():
+    from pipelines.prediction.model import predict_batch, refusal_reason
+    from pipelines.prediction.records import DeadLetter, ImageFile
+
+    def serve(image_bytes):  # refuses any batch holding b"bad", as the guards do
+        blobs = list(image_bytes.numpy())
+        if b"bad" in blobs:
+            raise tf.errors.InvalidArgumentError(None, None,
+                                                 "assertion failed: [too_many_pixels] x")
+        probabilities = np.array([[0.1, 0.2, 0.7]] * len(blobs), np.float32)
+        return {"probabilities": tf.constant(probabilities),
+                "class_id": tf.constant([2] * len(blobs), tf.int64),
+                "label": tf.constant([b"blue"] * len(blobs))}
+
+    files = [ImageFile(f"f{i}", ("blue",), "", b"bad" if i == 1 else b"ok") for i in range(3)]
+    outcomes = predict_batch(serve, files, LABELS)
+    assert [o.uri for o in outcomes] == ["f0", "f1", "f2"]
+    assert isinstance(outcomes[1], DeadLetter) and outcomes[1].reason == "too_many_pixels"
+    assert outcomes[0].top_k == (("blue", pytest.approx(0.7)), ("green", pytest.approx(0.2)),
+                                 ("red", pytest.approx(0.1)))
+    assert refusal_reason("Invalid JPEG data or crop window") == "undecodable"
+
+
+def test_summary_counts_and_refuses_a_mismatch():
+    from pipelines.prediction import summary
+    from pipelines.preprocessing.sources import ListingCounts, SkippedFile
+
+    listing = ListingCounts(6, (SkippedFile("x.txt", "not_an_image_name"),), 0)
+    pairs = [((("red",), "red"), 2), ((("red",), "blue"), 1), ((("cyan",), "red"), 1)]
+    document = summary.build_summary(pairs, 1, listing, LABELS, True, {})
+    assert document["accounting"]["predicted"] == 4
+    assert document["evaluation"]["accuracy"] == 2 / 3
+    assert document["evaluation"]["confusion_matrix"]["rows"] == [[2, 0, 1], [0, 0, 0],
+                                                                  [0, 0, 0]]
+    assert document["evaluation"]["per_class"]["green"] == {"files": 0, "recall": None}
+    assert document["predicted_labels"] == {"red": 3, "green": 0, "blue": 1}
+    with pytest.raises(summary.AccountingMismatch):
+        summary.build_summary(pairs, 0, listing, LABELS, True, {})
