@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 
 from pipelines.contract import records
-from trainer import checkpoints, train
+from trainer import agreement, checkpoints, train
 from trainer import config as config_lib
 from trainer import input as input_lib
 from trainer.model import make_model
@@ -212,3 +212,15 @@ def test_checkpoints_of_other_data_are_set_aside_and_training_starts_fresh(
     caplog.clear()  # the same data again: resumed (all epochs done: evaluate and export)
     again = _train_linear(other, model_dir, "--epochs", "2")
     assert again["resumed_from_epoch"] == 2 and "other data" not in caplog.text
+
+
+def test_metrics_say_how_often_serving_the_original_files_agrees(trained, photo_prep):
+    _, metrics = trained
+    manifest = json.loads((photo_prep.output / "manifest.json").read_text())
+    for split in ("validation", "test"):
+        result = metrics["serving_agreement"][split]
+        assert result["num_examples"] == manifest["splits"][split]["num_examples"]
+        assert 0.0 <= result["agreement"] <= 1.0 and result["unreadable"] == 0
+        assert result["accuracy_on_stored"] == pytest.approx(metrics[split]["accuracy"],
+                                                             abs=1e-4)
+    assert metrics["warnings"] == agreement.warnings_for(metrics["serving_agreement"])

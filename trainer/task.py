@@ -60,6 +60,8 @@ def _train(config: TrainConfig, train: ModuleType) -> int:
     print(f"[trainer] done: {metrics['epochs']} epochs, validation {metrics.get('validation')}, "
           f"test {metrics.get('test')}, {metrics['input_images_per_s']} images/s -> "
           f"{config.saved_model_dir}", file=sys.stderr)
+    for warning in metrics.get("warnings", []):
+        print(f"[trainer] WARNING: {warning}", file=sys.stderr)
     return 0
 
 
