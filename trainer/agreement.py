@@ -34,6 +34,12 @@ def measure(model: keras.Model, serve, spec: input_lib.DataSpec, split: str,
     Records whose source cannot be read any more are counted in `unreadable`, not
     compared. `disagreements` lists up to 20 source uris whose predictions differ."""
     stored, originals, labels, uris = [], [], [], []
+
+    @tf.function
+    def predict_stored(encoded):  # traced: the parallel decode, as in training's input
+        images = input_lib.decode_stored(encoded, spec.image_format, spec.height, spec.width)
+        return tf.argmax(model(images, training=False), axis=-1)
+
     dataset = tf.data.TFRecordDataset([s.path for s in spec.splits.get(split, ())])
     for batch in dataset.batch(batch_size):
         parsed = tf.io.parse_example(batch, _PARSE)
@@ -44,9 +50,7 @@ def measure(model: keras.Model, serve, spec: input_lib.DataSpec, split: str,
         if not keep:
             uris.extend([None] * len(sources))
             continue
-        images = input_lib.decode_stored(tf.gather(parsed[records.ENCODED], keep),
-                                         spec.image_format, spec.height, spec.width)
-        stored.append(np.argmax(model(images, training=False), axis=-1))
+        stored.append(predict_stored(tf.gather(parsed[records.ENCODED], keep)).numpy())
         originals.append(serve(image_bytes=tf.constant([readable[i] for i in keep]))[
             "class_id"].numpy())
         labels.append(ids[keep, 0])
