@@ -17,13 +17,12 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
 
-import contextlib
 import logging
 import sys
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from types import ModuleType
 
+from trainer import quiet
 from trainer.config import TrainConfig, UsageError, parse_args
 
 
@@ -36,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    with tensorflow_startup_quiet(os.environ):
+    with quiet.native_stderr(os.environ, "TensorFlow's start-up messages"):
         import tensorflow as tf
 
         from trainer import train  # TensorFlow loads only for a valid command
@@ -63,38 +62,6 @@ def _train(config: TrainConfig, train: ModuleType) -> int:
     for warning in metrics.get("warnings", []):
         print(f"[trainer] WARNING: {warning}", file=sys.stderr)
     return 0
-
-
-@contextlib.contextmanager
-def tensorflow_startup_quiet(environ: Mapping[str, str]) -> Iterator[None]:
-    """Inside the block, file descriptor 2 (where C++ code writes) goes to a temporary
-    file; after it, also on an error, fd 2 is what it was, so a Python traceback raised in
-    the block is printed there. The file is removed, or kept and named on stderr when the
-    block raises. Python's sys.stderr is flushed at both ends so its lines stay on their
-    side. Does nothing when TF_CPP_MIN_LOG_LEVEL is 0 or 1: the user asked to see
-    TensorFlow's INFO or WARNING lines."""
-    if environ.get("TF_CPP_MIN_LOG_LEVEL") in ("0", "1"):
-        yield
-        return
-    log, path = tempfile.mkstemp(prefix="imagebeam-trainer-", suffix=".log")
-    sys.stderr.flush()
-    saved = os.dup(2)
-    os.dup2(log, 2)
-    failed = False
-    try:
-        yield
-    except Exception:
-        failed = True
-        raise
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(log)
-        if failed:
-            print(f"[trainer] TensorFlow's start-up messages: {path}", file=sys.stderr)
-        else:
-            os.remove(path)
 
 
 if __name__ == "__main__":

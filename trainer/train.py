@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import resource
 import signal
 import sys
@@ -31,7 +32,7 @@ from tensorflow.core.framework import summary_pb2
 
 from pipelines.contract.manifest import ManifestError, read_manifest
 from pipelines.contract.transform_output import normalization_from_transform_output
-from trainer import agreement, checkpoints, distribute, loop, serving
+from trainer import agreement, checkpoints, distribute, loop, quiet, serving
 from trainer import evaluation as evaluation_lib
 from trainer import input as input_lib
 from trainer.config import TrainConfig, UsageError
@@ -326,9 +327,10 @@ def _serving_agreement(model: keras.Model, spec: input_lib.DataSpec, config: Tra
     """{"serving_agreement": {split: trainer.agreement.measure(...)}, "warnings": [...]}:
     the exported signature on the held-out splits' original files against the model on
     their stored records; a warning line for each split below agreement.THRESHOLD."""
-    serve = tf.saved_model.load(config.saved_model_dir).signatures[serving.SIGNATURE]
-    result = {split: agreement.measure(model, serve, spec, split, config.batch_size)
-              for split in ("validation", "test") if has[split]}
+    with quiet.native_stderr(os.environ, "TensorFlow's messages while serving was measured"):
+        serve = tf.saved_model.load(config.saved_model_dir).signatures[serving.SIGNATURE]
+        result = {split: agreement.measure(model, serve, spec, split, config.batch_size)
+                  for split in ("validation", "test") if has[split]}
     return {"serving_agreement": result, "warnings": agreement.warnings_for(result)}
 
 
