@@ -30,7 +30,7 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 from google.api_core import exceptions as google_errors
 
-from pipelines.contract import records
+from pipelines.contract import record_index, records
 from pipelines.contract.imaging import DecodeError, ImageSpec, ProcessedImage, process_image
 from pipelines.local.progress import WorkerCounter
 from pipelines.preprocessing import splits
@@ -436,7 +436,7 @@ class WriteShardFn(beam.DoFn):
         earlier = _read_earlier(image.spill for image in images if image.reused)
         class_counts: Counter[str] = Counter()
         num_bytes = mismatches = 0
-        index_lines = []
+        index_lines, framed_lengths = [], []
         with FileSystems.create(temporary) as handle:
             for image in images:
                 if not image.reused:
@@ -448,10 +448,13 @@ class WriteShardFn(beam.DoFn):
                     mismatches += 1
                 record, image_offset = self._example(image, encoded)
                 _TFRecordUtil.write_record(handle, record)
-                index_lines.append(_index_line(image, relative, num_bytes + _RECORD_HEADER_BYTES
-                                             + image_offset, len(encoded)))
-                num_bytes += _TFRecordUtil.encoded_num_bytes(record)
+                index_lines.append(_index_line(
+                    image, relative, num_bytes + record_index.HEADER_BYTES + image_offset,
+                    len(encoded)))
+                framed_lengths.append(_TFRecordUtil.encoded_num_bytes(record))
+                num_bytes += framed_lengths[-1]
                 class_counts.update(image.labels)
+        self._write_record_index(relative, name, framed_lengths)
         _make_folder(FileSystems.join(self._output, "data"))
         FileSystems.rename([temporary], [final_path])
         _count("records_written", len(images))
@@ -461,6 +464,17 @@ class WriteShardFn(beam.DoFn):
                         num_reused=sum(image.reused for image in images) - mismatches,
                         num_reuse_mismatch=mismatches,
                         index_lines="".join(index_lines))
+
+    def _write_record_index(self, relative: str, name: str, lengths: list[int]) -> None:
+        """The shard's `.idx` (pipelines.contract.record_index), in place before the
+        shard itself: a shard in data/ always has its index."""
+        index = FileSystems.join(self._output, *record_index.index_path(relative).split("/"))
+        temporary = FileSystems.join(self._output, "_tmp", "shards",
+                                     f"{name}.idx.{uuid.uuid4().hex}")
+        with FileSystems.create(temporary) as handle:
+            handle.write(record_index.format_index(lengths).encode())
+        _make_folder(FileSystems.join(self._output, *record_index.INDEX_FOLDER.split("/")))
+        FileSystems.rename([temporary], [index])
 
     def _decode_again(self, image: UniqueImage) -> tuple[UniqueImage, bytes]:
         """A reused image whose earlier bytes did not verify, made from its source as a
@@ -528,9 +542,6 @@ def _make_folder(path: str) -> None:
         FileSystems.mkdirs(path)
     except OSError:  # it exists already (another shard made it); a real failure fails
         pass  # the rename that follows, with its own message
-
-
-_RECORD_HEADER_BYTES = 12  # TFRecord framing before the payload: length (8) + its CRC (4)
 
 
 def _index_line(image: UniqueImage, shard_path: str, offset: int, length: int) -> str:
