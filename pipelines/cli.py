@@ -41,6 +41,8 @@ COMMANDS: dict[str, Command] = {
         "pipelines.retrain",
         "one scheduled retraining tick: new images, a candidate model, gate, promote"),
     "predict": Command("pipelines.predict", "images -> a SavedModel's predictions, summary.json"),
+    "deploy": Command("pipelines.deploy",
+                      "a SavedModel -> a Vertex AI endpoint (Model Registry, canary traffic)"),
 }
 
 # Every command's exit statuses, gathered from the modules' run()/main() docstrings.

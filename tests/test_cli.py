@@ -23,7 +23,7 @@ def test_help_lists_every_command_once_with_the_exit_codes():
     assert result.returncode == 0, result.stderr
     commands = result.stdout.split("commands:\n")[1].split("\n\n")[0]
     assert [line.split()[0] for line in commands.splitlines()] == [
-        "preprocess", "train", "run", "retrain", "predict"]
+        "preprocess", "train", "run", "retrain", "predict", "deploy"]
     codes = result.stdout.split("exit status:\n")[1]
     assert re.findall(r"^  (\d+) ", codes, re.MULTILINE) == ["0", "1", "2", "130", "143"]
 

@@ -52,6 +52,18 @@ def resolve_model(model: str) -> str:
     return model
 
 
+def saved_by(saved_model: str) -> str | None:
+    """The TensorFlow version that wrote the SavedModel ('2.21.0'), from saved_model.pb;
+    None if it does not say."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    with FileSystems.open(FileSystems.join(saved_model, "saved_model.pb"),
+                          compression_type="uncompressed") as handle:
+        proto = saved_model_pb2.SavedModel.FromString(handle.read())
+    versions = {graph.meta_info_def.tensorflow_version for graph in proto.meta_graphs}
+    return max(versions - {""}, default=None)
+
+
 def load_signature(saved_model: str):
     """(the loaded object, which must stay alive, and its `serving_default`)."""
     import tensorflow as tf
