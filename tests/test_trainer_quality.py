@@ -161,3 +161,66 @@ def test_evaluation_against_hand_computed_numbers():
     empty = evaluation.evaluate(np.array([[0.9, 0.1]]), np.array([0]), ["x", "y"])
     assert empty["per_class"]["y"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0,
                                        "support": 0}
+
+
+def test_learning_rate_warms_up_then_decays_in_each_phase():
+    from trainer.schedule import Phase, PhasedSchedule
+    steps = 10  # per epoch
+    two = PhasedSchedule([Phase(0, 2, True, 1e-3), Phase(2, 5, False, 1e-4)], steps)
+    rate = [float(two(step)) for step in range(60)]
+    # Warmup: a tenth of each phase (2 and 3 steps), linear up to the phase's peak.
+    first = [5e-4, 1e-3, 1e-3, 1e-3 * (1 + np.cos(np.pi / 18)) / 2]
+    assert rate[:4] == pytest.approx(first, rel=1e-5)
+    assert rate[20:23] == pytest.approx([1e-4 / 3, 2e-4 / 3, 1e-4], rel=1e-5)
+    # Cosine to (almost) 0 at each phase's last step; past the end it stays there.
+    assert rate[19] == pytest.approx(1e-3 * (1 + np.cos(np.pi * 17 / 18)) / 2, rel=1e-5)
+    assert rate[49] == pytest.approx(1e-4 * (1 + np.cos(np.pi * 26 / 27)) / 2, rel=1e-5)
+    assert rate[59] == rate[49]
+    assert all(a >= b for a, b in zip(rate[1:20], rate[2:20], strict=False))
+    constant = PhasedSchedule([Phase(0, 3, False, 1e-3)], steps, "constant")
+    assert [float(constant(s)) for s in (0, 29)] == pytest.approx([1e-3, 1e-3], rel=1e-5)
+    explicit = PhasedSchedule([Phase(0, 3, False, 1e-3)], steps, warmup_epochs=1.5)
+    assert float(explicit(14)) == pytest.approx(1e-3) and float(explicit(13)) < 1e-3
+
+
+@pytest.mark.parametrize("names", ["light", "strong"])
+def test_augmentation_is_a_function_of_the_batch_and_its_number(names):
+    from trainer import augment
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(8) % 4
+
+    def batches(augmenter):  # parallel and out of order when allowed
+        ds = tf.data.Dataset.from_tensors((images, labels)).repeat(4).enumerate().map(
+            lambda i, b: augmenter(b[0], b[1], augment.batch_seed(0, i)),
+            num_parallel_calls=4, deterministic=True)
+        return [(x.numpy(), y.numpy()) for x, y in ds]
+
+    parsed = config_lib.parse_augment(names)
+    first, again = batches(augment.Augmenter(parsed, 4)), batches(augment.Augmenter(parsed, 4))
+    for (x, y), (x2, y2) in zip(first, again, strict=True):
+        np.testing.assert_array_equal(x, x2)
+        np.testing.assert_array_equal(y, y2)
+        assert x.dtype == np.uint8 and x.shape == images.shape
+    assert not np.array_equal(first[0][0], first[1][0])  # another batch number, other draws
+    assert not np.array_equal(first[0][0], images)
+    if augment.mixes(parsed):  # label distributions that sum to 1
+        assert first[0][1].shape == (8, 4)
+        np.testing.assert_allclose(first[0][1].sum(axis=1), 1.0, atol=1e-6)
+    else:
+        np.testing.assert_array_equal(first[0][1], labels)
+    with pytest.raises(config_lib.UsageError, match="unknown: blur"):
+        config_lib.parse_args(["--data", "d", "--model_dir", "m", "--augment", "flip,blur"], {})
+
+
+def test_soft_and_sparse_labels_give_the_same_loss_and_accuracy():
+    from trainer import augment
+    probabilities = tf.constant([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
+    ids = tf.constant([0, 1])
+    onehot = tf.one_hot(ids, 3)
+    np.testing.assert_allclose(augment.soft_or_sparse_crossentropy(onehot, probabilities),
+                               augment.soft_or_sparse_crossentropy(ids, probabilities),
+                               rtol=1e-6)
+    for labels in (ids, onehot):
+        metric = augment.SoftOrSparseAccuracy()
+        metric.update_state(labels, probabilities)
+        assert float(metric.result()) == 0.5

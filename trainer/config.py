@@ -4,7 +4,9 @@
         [--model small_cnn|mobilenet_v3_small|mobilenet_v3_large|efficientnet_b0|
                  efficientnet_v2_b0|resnet50|linear] [--weights none|imagenet|PATH]
         [--freeze_epochs N] [--unfreeze K] [--fine_tune_learning_rate LR]
-        [--class_weight none|balanced]
+        [--class_weight none|balanced] [--lr_schedule cosine|constant] [--warmup_epochs E]
+        [--early_stopping PATIENCE] [--augment none|light|strong|NAME,...]
+        [--checkpoint_every N]
         [--learning_rate LR] [--shuffle_buffer 64MB] [--cache none|memory|PATH]
         [--mixed_precision auto|on|off] [--jit auto|on|off] [--warm_start PATH]
         [--steps_per_execution N] [--cpu_replicas N]
@@ -30,6 +32,18 @@ CLASS_WEIGHTS = ("none", "balanced")
 SWITCH = ("auto", "on", "off")
 DEFAULT_SHUFFLE_BUFFER = "64MB"
 DEFAULT_STEPS_PER_EXECUTION = 16
+LR_SCHEDULES = ("cosine", "constant")
+# --augment: presets, and the names a comma list may hold (trainer/augment.py builds them;
+# "mix" is MixUp or CutMix, one per batch).
+AUGMENT_PRESETS = {
+    "none": (),
+    "light": ("flip", "zoom", "rotate", "contrast", "brightness"),
+    "strong": ("flip", "zoom", "rotate", "contrast", "brightness", "randaugment", "mix"),
+}
+AUGMENT_NAMES = ("flip", "zoom", "rotate", "contrast", "brightness", "randaugment", "mixup",
+                 "cutmix", "mix")
+DEFAULT_AUGMENT = "light"
+CHECKPOINT_SECONDS = 600  # the default mid-epoch checkpoint interval, of training time
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -70,6 +84,13 @@ class TrainConfig:
     unfreeze: int | None = None  # after them: the top K backbone layers (None: all)
     fine_tune_learning_rate: float | None = None  # after them (None: learning_rate / 10)
     class_weight: str = "none"  # none | balanced: n / (classes * count) per train label
+    lr_schedule: str = "cosine"  # cosine (warmup, then cosine decay per phase) | constant
+    warmup_epochs: float | None = None  # None: a tenth of each phase, at most one epoch
+    early_stopping: int = 0  # patience in epochs without a better val_loss; 0: off
+    augment: tuple[str, ...] = AUGMENT_PRESETS[DEFAULT_AUGMENT]  # train batches only
+    # Mid-epoch checkpoint every N train steps; None: every CHECKPOINT_SECONDS of training.
+    # Every epoch end is checkpointed either way.
+    checkpoint_every: int | None = None
 
     @property
     def pretrained(self) -> bool:
@@ -82,6 +103,18 @@ def parse_bytes(text: str) -> int:
     if not match:
         raise UsageError(f"--shuffle_buffer wants a size like 64MB or 256MiB, got {text!r}")
     return int(float(match[1]) * _UNITS[match[2] or ""])
+
+
+def parse_augment(text: str) -> tuple[str, ...]:
+    """'light' -> its names; 'flip,rotate' -> ('flip', 'rotate'); raises ValueError."""
+    if text in AUGMENT_PRESETS:
+        return AUGMENT_PRESETS[text]
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in AUGMENT_NAMES]
+    if unknown or not names:
+        raise ValueError(f"--augment {text!r}: use none, light, strong or a comma list of "
+                         f"{', '.join(AUGMENT_NAMES)} (unknown: {', '.join(unknown) or 'none'})")
+    return names
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -136,6 +169,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--class_weight", choices=CLASS_WEIGHTS, default="none",
                         help="balanced: weight each train example n / (classes * count of "
                         "its label), from the manifest's class_counts")
+    parser.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="cosine",
+                        help="cosine (default): in each phase a linear warmup, then cosine "
+                        "decay to 0; constant: the phase's rate throughout")
+    parser.add_argument("--warmup_epochs", type=float,
+                        help="warmup length per phase (default: a tenth of the phase, at "
+                        "most one epoch)")
+    parser.add_argument("--early_stopping", type=int, default=0, metavar="PATIENCE",
+                        help="stop after PATIENCE epochs without a lower validation loss and "
+                        "export the best epoch's weights (default 0: off, the last epoch)")
+    parser.add_argument("--augment", default=DEFAULT_AUGMENT,
+                        metavar="none|light|strong|NAME,...",
+                        help=f"train-time augmentation (default {DEFAULT_AUGMENT}): light = "
+                        f"{','.join(AUGMENT_PRESETS['light'])}; strong adds randaugment and "
+                        f"mix (MixUp or CutMix); names: {','.join(AUGMENT_NAMES)}")
+    parser.add_argument("--checkpoint_every", type=int, metavar="STEPS",
+                        help="also checkpoint every STEPS train steps inside an epoch (default: "
+                        f"every {CHECKPOINT_SECONDS // 60} minutes of training); a rerun resumes "
+                        "at that step")
     parser.add_argument("--warm_start", metavar="PATH",
                         help="checkpoint folder of an earlier run with the same --model and "
                         "labels: its weights start this run (ignored when resuming)")
@@ -171,6 +222,16 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
                          "--freeze_epochs N (N at least 1)")
     if args.fine_tune_learning_rate is not None and args.fine_tune_learning_rate <= 0:
         raise UsageError("--fine_tune_learning_rate must be positive")
+    if args.warmup_epochs is not None and args.warmup_epochs < 0:
+        raise UsageError("--warmup_epochs must not be negative")
+    if args.early_stopping < 0:
+        raise UsageError("--early_stopping must not be negative")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise UsageError("--checkpoint_every must be at least 1")
+    try:
+        augments = parse_augment(args.augment)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     return TrainConfig(
         data=args.data.rstrip("/"),
         model_dir=model_dir,
@@ -197,4 +258,9 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
         unfreeze=args.unfreeze,
         fine_tune_learning_rate=args.fine_tune_learning_rate,
         class_weight=args.class_weight,
+        lr_schedule=args.lr_schedule,
+        warmup_epochs=args.warmup_epochs,
+        early_stopping=args.early_stopping,
+        augment=augments,
+        checkpoint_every=args.checkpoint_every,
     )
