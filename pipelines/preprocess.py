@@ -3,9 +3,11 @@
     python -m pipelines.preprocess --input gs://bucket/raw --output gs://bucket/prep
     python -m pipelines.preprocess --labels labels.csv --output out/ --image_size 224,160
 
-The command: `run` lists the input, claims the output, runs the pipeline
+The command: `run` checks credentials and endpoints where Google Cloud is used
+(`pipelines.cloud.access`), lists the input, claims the output, runs the pipeline
 (`pipelines.preprocessing.pipeline.build_pipeline`) and prints the accounting; exit codes
-are in `run`'s docstring.
+are in `run`'s docstring. `--dry_run` prints the plan without touching Google Cloud
+(`pipelines.cloud.dry_run`); `--dry_run --check` adds the online checks.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads; workers inherit it
 
+import argparse
 import contextlib
 import dataclasses
 import gc
@@ -27,7 +30,8 @@ from collections.abc import Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipelines.cloud import dataflow
+from pipelines.cloud import access, dataflow
+from pipelines.cloud import dry_run as dry_run_lib
 from pipelines.contract import manifest as manifest_lib
 from pipelines.contract import ownership
 from pipelines.local import analysis_process
@@ -53,21 +57,59 @@ class _OwnFailuresFilter(logging.Filter):
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the process exit code: 0 done, 1 the run failed
-    (over --max_error_rate, no image written, its claim taken over, or a pipeline error),
-    2 refused before anything was touched (usage, input, output not ours or in use)."""
+    """Command-line entry point; returns the process exit code: 0 done (or the --dry_run
+    plan printed), 1 the run failed (over --max_error_rate, no image written, its claim
+    taken over, or a pipeline error), 2 refused before anything was touched (usage, no
+    Google Cloud credentials or endpoint unreachable, input, output not ours or in use)."""
     logging.getLogger().setLevel(logging.WARNING)
     beam_logger = logging.getLogger("apache_beam.runners.common")
     if not any(isinstance(f, _OwnFailuresFilter) for f in beam_logger.filters):
         beam_logger.addFilter(_OwnFailuresFilter())
     try:
-        config, options = parse_args(sys.argv[1:] if argv is None else argv)
-    except UsageError as err:
+        # Ours, not Beam's: Beam has a test-only --dry_run of its own.
+        flags, rest = _dry_run_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+        config, options = parse_args(rest)
+        if flags.dry_run:
+            return dry_run(config, options, check=flags.check)
+        if flags.check:
+            raise UsageError("--check goes with --dry_run (a real run always checks)")
+        # Before Beam starts: it retries a missing credential or endpoint for minutes.
+        access.preflight(dry_run_lib.preprocess_cloud_use(config, options))
+    except (UsageError, InputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     # First, so that its TensorFlow import overlaps everything below (local runs only).
     with analysis_process.started(options) as analysis:
         return _run(config, options, analysis)
+
+
+def _dry_run_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--dry_run", action="store_true")
+    parser.add_argument("--check", action="store_true")
+    return parser
+
+
+def dry_run(config: PreprocessConfig, options: PipelineOptions, check: bool) -> int:
+    """Prints the plan on stderr and returns 0; contacts Google Cloud only if `check`.
+    Raises UsageError, InputError (--check) or CloudAccessError (--check)."""
+    ownership.refuse_overlaps(config.output, output_lib.input_paths(config))
+    dataflow.check(config, options)
+    lines = ["dry run: nothing runs" + ("" if check else "; Google Cloud is not contacted")]
+    size = dry_run_lib.local_input_size(config)
+    if check:
+        gcs_input = config.input if (config.input or "").startswith("gs://") else None
+        checked, listed = dry_run_lib.online_checks(
+            dry_run_lib.preprocess_cloud_use(config, options), gcs_input, config.output)
+        lines += checked
+        size = size or listed
+    lines += dry_run_lib.dataflow_lines(options) + dry_run_lib.preprocess_lines(config, options)
+    lines += dry_run_lib.cost_lines(size, options, None)
+    if not check:
+        lines += dry_run_lib.run_time_lines(options)
+    for line in lines:
+        print(f"[preprocess] {line}", file=sys.stderr)
+    return 0
 
 
 def _run(config: PreprocessConfig, options: PipelineOptions, analysis: str | None) -> int:
@@ -164,22 +206,22 @@ def _progress(config: PreprocessConfig, listing: Listing, local: bool):
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def summary(manifest: dict, elapsed_s: float) -> str:
+def summary(manifest: manifest_lib.Manifest, elapsed_s: float) -> str:
     """The closing lines of a local run: accounting, splits and where things are."""
-    accounting = manifest["accounting"]
-    written = accounting["images_written"]
+    accounting = manifest.accounting
+    written = accounting.images_written
     splits = ", ".join(
-        f"{name} {entry['num_examples']} in {len(entry['shards'])} shard(s)"
-        for name, entry in manifest["splits"].items()
+        f"{name} {entry.num_examples} in {len(entry.shards)} shard(s)"
+        for name, entry in manifest.splits.items()
     )
     return "\n".join([
         f"[preprocess] done in {elapsed_s:.1f}s ({written / max(elapsed_s, 1e-9):.0f} images/s)",
-        f"[preprocess] accounting: {json.dumps(accounting)}",
+        f"[preprocess] accounting: {json.dumps(dataclasses.asdict(accounting))}",
         f"[preprocess] splits: {splits}",
-        f"[preprocess] labels: {len(manifest['labels'])}; dead letters: {manifest['errors_path']}",
-        *([f"[preprocess] report: {manifest['report']}; statistics: {manifest['statistics']}; "
-           f"transform: {manifest['transform_output']}; drift: "
-           f"{manifest['anomalies']}"] if "report" in manifest else []),
+        f"[preprocess] labels: {len(manifest.labels)}; dead letters: {manifest.errors_path}",
+        *([f"[preprocess] report: {manifest.report}; statistics: {manifest.statistics}; "
+           f"transform: {manifest.transform_output}; drift: "
+           f"{manifest.anomalies}"] if manifest.report else []),
     ])
 
 

@@ -18,8 +18,12 @@ job. `--trainer vertex` submits a CustomJob (pipelines/cloud/vertex.py) and foll
 
 Rerunning the same command resumes: a complete prep/ made with the same settings is reused
 (pass --overwrite to redo it) and the trainer continues from its last checkpoint.
-`--dry_run` runs and submits nothing: it checks every flag, prints the plan, and for
-Vertex AI prints the CustomJob request body (JSON) on stdout.
+`--dry_run` runs and submits nothing and touches no cloud: it checks every flag, prints the
+plan (pipelines/cloud/dry_run.py: Dataflow options and worker setup, what is read and
+written, a rough cost, what only the run can check), and for Vertex AI prints the CustomJob
+request body (JSON) on stdout; `--dry_run --check` also makes the online checks. A real run
+first checks credentials and endpoints (pipelines/cloud/access.py): one line and exit 2
+when they are missing or unreachable.
 """
 
 from __future__ import annotations
@@ -33,13 +37,15 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from apache_beam.options.pipeline_options import GoogleCloudOptions
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 from google.cloud import aiplatform_v1 as aip
 
-from pipelines.cloud import dataflow, vertex
+from pipelines.cloud import access, dataflow, vertex
+from pipelines.cloud import dry_run as dry_run_lib
 from pipelines.contract.manifest import join, read_manifest
 from pipelines.preprocessing import options as preprocess_options
 from pipelines.preprocessing.options import PreprocessConfig, UsageError
+from pipelines.preprocessing.sources import InputError
 
 PREP_DIR = "prep"
 MODEL_DIR = "model"
@@ -56,6 +62,7 @@ class Plan:
     trainer_argv: tuple[str, ...]  # without --data/--model_dir
     config: PreprocessConfig
     gcp: GoogleCloudOptions  # --project, --region, --service_account_email (Beam's flags)
+    options: PipelineOptions  # every Beam flag, as preprocess gets them
 
     @property
     def prep(self) -> str:
@@ -70,6 +77,16 @@ class Plan:
 
     def trainer_args(self) -> list[str]:
         return ["--data", self.prep, "--model_dir", self.model_dir, *self.trainer_argv]
+
+    def trainer_command(self) -> list[str]:
+        return [sys.executable, "-m", "trainer.task", *self.trainer_args()]
+
+    def cloud_use(self) -> access.CloudUse:
+        """What both steps use on Google Cloud (checked up front by `access.preflight`)."""
+        use = dry_run_lib.preprocess_cloud_use(self.config, self.options, self.model_dir)
+        if self.args.trainer != "vertex":
+            return use
+        return dataclasses.replace(use, vertex_region=self.args.vertex_region or self.gcp.region)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,8 +104,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="local: a child process here (default); vertex: a Vertex AI "
                         "CustomJob with a GPU")
     parser.add_argument("--dry_run", action="store_true",
-                        help="check everything and print the plan (the Vertex AI job as JSON "
-                        "on stdout); run and submit nothing")
+                        help="check every flag and print the plan (the Vertex AI job as JSON "
+                        "on stdout) without touching Google Cloud; run and submit nothing")
+    parser.add_argument("--check", action="store_true",
+                        help="with --dry_run: also make the online checks (credentials, "
+                        "endpoints, the input's size, what --output holds)")
     vertex.add_arguments(parser)
     group = parser.add_argument_group("following the job")
     group.add_argument("--no_wait", action="store_true",
@@ -104,8 +124,10 @@ def plan(argv: Sequence[str]) -> Plan:
     preprocess_argv = [*preprocess_argv, "--output", prep]
     config, beam_options = preprocess_options.parse_args(preprocess_argv)
     dataflow.check(config, beam_options)
+    if args.check and not args.dry_run:
+        raise UsageError("--check goes with --dry_run (a real run always checks)")
     result = Plan(args, tuple(preprocess_argv), tuple(trainer_argv), config,
-                  beam_options.view_as(GoogleCloudOptions))
+                  beam_options.view_as(GoogleCloudOptions), beam_options)
     _check_trainer_flags(result)
     if args.trainer == "vertex":
         vertex_job(result)  # every Vertex AI check, before anything runs
@@ -177,7 +199,7 @@ def reusable_prep(config: PreprocessConfig) -> bool:
         manifest = read_manifest(config.output)
     except FileNotFoundError:
         return False
-    if manifest.get("config") == json.loads(json.dumps(config.to_json())):
+    if manifest.config == json.loads(json.dumps(config.to_json())):
         return True
     raise UsageError(f"{config.output} holds an output made with other settings; pass "
                      "--overwrite to preprocess again")
@@ -209,15 +231,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code."""
     try:
         plan_ = plan(sys.argv[1:] if argv is None else argv)
+        if plan_.args.dry_run:
+            return dry_run(plan_)
+        # Before the child processes: Beam would retry a missing credential for minutes.
+        access.preflight(plan_.cloud_use())
         reuse = reusable_prep(plan_.config)
-    except UsageError as err:
+    except (UsageError, InputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if reuse:
-        _say(f"1/2 preprocess: {plan_.prep} is complete with these settings; reusing it "
-            "(--overwrite redoes it)")
-    elif plan_.args.dry_run:
-        _say(f"1/2 preprocess: {shlex.join(plan_.preprocess_command())}")
+        _say(_REUSING.format(prep=plan_.prep))
     else:
         _say(f"1/2 preprocess -> {plan_.prep}")
         code = run_child(plan_.preprocess_command())
@@ -229,11 +252,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _train_on_vertex(plan_)
 
 
+_REUSING = ("1/2 preprocess: {prep} is complete with these settings; reusing it (--overwrite "
+            "redoes it)")
+
+
+def dry_run(plan_: Plan) -> int:
+    """Prints the plan (stderr; the Vertex AI job body on stdout) and returns 0. Touches
+    Google Cloud only with --check; raises UsageError / InputError / CloudAccessError."""
+    config, options = plan_.config, plan_.options
+    lines = ["dry run: nothing runs or is submitted"
+             + ("" if plan_.args.check else "; Google Cloud is not contacted")]
+    size = dry_run_lib.local_input_size(config)
+    if plan_.args.check:
+        gcs_input = config.input if (config.input or "").startswith("gs://") else None
+        checked, listed = dry_run_lib.online_checks(plan_.cloud_use(), gcs_input, plan_.prep)
+        lines += checked
+        size = size or listed
+    if "://" not in plan_.prep or plan_.args.check:
+        reuse = reusable_prep(config)  # raises for an output made with other settings
+    else:
+        reuse = False
+    lines.append(_REUSING.format(prep=plan_.prep) if reuse else
+                 f"1/2 preprocess: {shlex.join(plan_.preprocess_command())}")
+    lines += [f"  {line}" for line in (dry_run_lib.dataflow_lines(options)
+                                       + dry_run_lib.preprocess_lines(config, options))]
+    vertex_config, job = vertex_job(plan_) if plan_.args.trainer == "vertex" else (None, None)
+    if job is None:
+        lines.append(f"2/2 train: {shlex.join(plan_.trainer_command())}")
+    else:
+        lines += [f"2/2 train on Vertex AI in {vertex_config.project}/{vertex_config.region}: "
+                  f"{vertex.describe(job)}",
+                  "  the CustomJob request body is on stdout (JSON)"]
+    lines.append(f"  writes: {plan_.model_dir}/ (checkpoints/, logs/, saved_model/, "
+                 "metrics.json last)")
+    lines += dry_run_lib.cost_lines(size if not reuse else None, options, vertex_config)
+    if not plan_.args.check:
+        lines += dry_run_lib.run_time_lines(options, f"whether {plan_.prep} can be reused")
+    for line in lines:
+        _say(line)
+    if job is not None:
+        print(vertex.job_json(job))
+    return 0
+
+
 def _train_locally(plan_: Plan) -> int:
-    command = [sys.executable, "-m", "trainer.task", *plan_.trainer_args()]
-    if plan_.args.dry_run:
-        _say(f"2/2 train: {shlex.join(command)}")
-        return 0
+    command = plan_.trainer_command()
     _say(f"2/2 train -> {plan_.model_dir}")
     code = run_child(command)
     if code == 143:
@@ -248,9 +311,6 @@ def _train_locally(plan_: Plan) -> int:
 def _train_on_vertex(plan_: Plan) -> int:
     config, job = vertex_job(plan_)
     _say(f"2/2 train on Vertex AI in {config.project}/{config.region}: {vertex.describe(job)}")
-    if plan_.args.dry_run:
-        print(vertex.job_json(job))
-        return 0
     client = vertex.job_client(config.region)
     created = vertex.submit(job, config.project, config.region, client=client)
     _say(f"submitted {created.name}\n[run] logs:   gcloud ai custom-jobs stream-logs "

@@ -120,17 +120,29 @@ def prepare(
     return options
 
 
+def worker_setup(options: PipelineOptions, environ: Mapping[str, str]) -> str:
+    """How workers would get the project and its dependencies, in one line; changes and
+    builds nothing (what `--dry_run` shows)."""
+    setup = options.view_as(SetupOptions)
+    image = options.view_as(WorkerOptions).sdk_container_image or environ.get(SDK_IMAGE_ENV)
+    if image:
+        return f"container {image} (project and pinned dependencies preinstalled; nothing staged)"
+    if setup.setup_file or setup.extra_packages or setup.requirements_file:
+        return "as given by --setup_file / --extra_package / --requirements_file"
+    return (f"Beam's stock container + a wheel of the project, built here at submission, + "
+            f"pinned {packaging.LOCK_RELATIVE_PATH} (installed at worker start-up; "
+            "--sdk_container_image starts faster)")
+
+
 def configure_workers(options: PipelineOptions, environ: Mapping[str, str]) -> str:
     """Chooses how workers get the project and its dependencies; returns a one-line summary."""
     setup = options.view_as(SetupOptions)
     worker = options.view_as(WorkerOptions)
     if not worker.sdk_container_image and environ.get(SDK_IMAGE_ENV):
         worker.sdk_container_image = environ[SDK_IMAGE_ENV]
-    if worker.sdk_container_image:
-        return (f"container {worker.sdk_container_image} (project and pinned dependencies "
-                "preinstalled; nothing staged)")
-    if setup.setup_file or setup.extra_packages or setup.requirements_file:
-        return "as given by --setup_file / --extra_package / --requirements_file"
+    if worker.sdk_container_image or setup.setup_file or setup.extra_packages or (
+            setup.requirements_file):
+        return worker_setup(options, environ)
     try:
         lock = packaging.lock_path()
         wheel = packaging.build_wheel(_scratch_dir())
