@@ -296,3 +296,51 @@ def test_scan_count_is_the_pipelines():
         fmt = imaging_tf.image_format(tf.constant(data))
         expected = data.count(imaging.JPEG_SOS) if name.endswith(".jpg") else 0
         assert int(imaging_tf.jpeg_scans(tf.constant(data), fmt)) == expected, name
+
+
+@pytest.mark.parametrize("target", [(64, 64), (128, 128), (224, 224), (57, 31)])
+def test_resize_is_pils_two_passes(target):
+    # Rows, then columns, rounded in between as PIL does: at most a level apart, and on
+    # only a few values (one float pass over both sides was off on about a sixth).
+    for name in ["photo.jpg", "photo-cmyk.jpg", "o6-le.jpg", "photo-lossless.webp"]:
+        decoded = imaging.decode_rgb(FILES[name], target)[0]
+        expected = imaging.resize(decoded, target, ResizeMode.SQUASH).astype(int)
+        got = imaging_tf.resize(tf.constant(decoded), target, ResizeMode.SQUASH).numpy()
+        diff = np.abs(got.astype(int) - expected)
+        assert diff.max() <= 1 and np.mean(diff > 0) < 0.01, (name, target, np.mean(diff > 0))
+
+
+@pytest.mark.parametrize("quality", [75, imaging.DEFAULT_JPEG_QUALITY, 95])
+def test_stored_pixels_are_what_the_trainer_decodes_from_the_shards(quality):
+    # TensorFlow's encoder with the pipeline's settings writes what PIL writes, so the
+    # serving graph reproduces the stored pixels exactly, odd sizes (chroma) included.
+    for target in [(64, 64), (224, 224), (57, 31)]:
+        for name in ["photo.jpg", "palette.bmp", "o5.webp"]:
+            resized = imaging.resize(imaging.decode_rgb(FILES[name], target)[0], target,
+                                     ResizeMode.SQUASH)
+            stored = imaging.encode(resized, imaging.ImageFormat.JPEG, quality)
+            trainer_reads = tf.io.decode_jpeg(stored, channels=3, dct_method="INTEGER_ACCURATE")
+            served = imaging_tf.stored_pixels(tf.constant(resized), "jpeg", quality)
+            np.testing.assert_array_equal(served.numpy(), trainer_reads.numpy(),
+                                          err_msg=f"{name} {target} q{quality}")
+    lossless = tf.constant(resized)
+    for image_format in (imaging.ImageFormat.PNG, imaging.ImageFormat.RAW):
+        assert imaging_tf.stored_pixels(lossless, image_format) is lossless
+
+
+def test_served_pixels_are_the_stored_pixels():
+    # The whole serving path (decode, resize, stored format) against the shard's bytes as
+    # the pipeline writes them. Where the resize is a level off, the JPEG block around it
+    # may quantise differently: not equal everywhere, but far closer than the pixels
+    # before storage, which is what serving computed before it ended with the JPEG.
+    spec = imaging.ImageSpec(64, 64)
+    served_fn = {stored_as: tf.function(lambda d, stored_as=stored_as: imaging_tf.process_image(
+        d, (64, 64), stored_as=stored_as, jpeg_quality=spec.jpeg_quality))
+        for stored_as in (None, spec.image_format)}
+    for name in ["photo.jpg", "photo-progressive.jpg", "o8-be.jpg", "photo.webp", "o6.png"]:
+        stored = imaging.process_image(FILES[name], spec).encoded
+        trainer_reads = tf.io.decode_jpeg(stored, channels=3, dct_method="INTEGER_ACCURATE")
+        diff = {stored_as: np.abs(fn(tf.constant(FILES[name])).numpy().astype(int)
+                                  - trainer_reads.numpy().astype(int)).mean()
+                for stored_as, fn in served_fn.items()}
+        assert diff[spec.image_format] < min(0.5, diff[None] / 4), (name, diff)

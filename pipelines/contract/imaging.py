@@ -13,7 +13,11 @@ Steps, in order (each mirrored in the serving graph):
 4. Convert to 8-bit RGB: alpha is dropped (as `tf.io.decode_image` does), 16-bit
    gray is scaled, palettes are expanded, CMYK/YCCK converted.
 5. Resize antialiased (bilinear with a widened support, i.e. `tf.image.resize(...,
-   antialias=True)`) with one of three modes, see `ResizeMode`.
+   antialias=True)`) with one of three modes, see `ResizeMode`: rows first, then
+   columns, rounded to uint8 in between (the serving graph does the same).
+6. Encode for the shards (`encode_image`). Stored JPEG is lossy, so the serving graph
+   ends with the same encode and decode (`imaging_tf.stored_pixels`): served pixels are
+   the stored pixels, not merely close to them (docs/design.md, serving parity).
 """
 
 from __future__ import annotations
@@ -31,12 +35,13 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 SOURCE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")  # JPEG also opens MPO
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".webp")
 DEFAULT_MAX_PIXELS = 100_000_000  # 10k x 10k; a 40000x40000 bomb declares 1.6e9
-# Stored JPEG quality. Measured on 2,000 photos at 224 px (4:2:0): q95 16.4 KiB, PSNR
-# 40.5 dB, TF decode 6,894 img/s on 2 vCPUs; q90 11.5 KiB (-30 %), 38.3 dB, 8,527 img/s
-# (+24 %); q85 9.3 KiB, 36.9 dB. Decoding is what bounds the trainer's input, and bytes
-# are what streaming from Cloud Storage costs; 38 dB is still visually lossless. (FFCV
-# stores ImageNet at 90 by default too.)
+# Stored JPEG quality: decoding is what bounds the trainer's input and bytes are what
+# streaming from Cloud Storage costs, and 90 is still visually lossless (FFCV stores
+# ImageNet at 90 too). Size, PSNR and decode speed by quality: docs/performance.md.
 DEFAULT_JPEG_QUALITY = 90
+# Stored JPEG chroma: 4:2:0, as ImageNet/TFDS JPEGs; the trainer decodes it faster than
+# 4:4:4. The serving graph encodes with the same subsampling (imaging_tf.stored_pixels).
+JPEG_SUBSAMPLING = "4:2:0"
 
 Image.init()  # register every plugin now, so `formats=` can name MPO
 # Truncated files are errors, not silently grey-filled images.
@@ -303,10 +308,10 @@ def encode_image(image: Image.Image, image_format: ImageFormat,
         return image.tobytes()  # HxWx3 uint8, row-major
     buffer = io.BytesIO()
     if image_format is ImageFormat.JPEG:
-        # 4:2:0 chroma, as ImageNet/TFDS JPEGs: the trainer decodes it faster than 4:4:4
-        # (docs/performance.md), which is what keeps the input side ahead of
-        # image_dataset_from_directory. optimize=False keeps encoding fast.
-        image.save(buffer, format="JPEG", quality=jpeg_quality, subsampling=2)
+        # Baseline, not optimized: fast to encode, and exactly what TensorFlow's
+        # encode_jpeg writes with the same quality and chroma, which the serving graph
+        # relies on to reproduce the stored pixels.
+        image.save(buffer, format="JPEG", quality=jpeg_quality, subsampling=JPEG_SUBSAMPLING)
     else:
         image.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()

@@ -19,8 +19,14 @@ holds the two together on real encoded files of every format and orientation:
    (TF's libpng strip_16 and `imaging._to_rgb` agree), GIF first frame,
    CMYK/YCCK JPEG via libjpeg.
 5. Antialiased bilinear resize (`tf.image.resize(antialias=True)` is PIL's
-   BILINEAR with a support widened by the scale), rounded to uint8 like PIL,
-   with the crop/pad geometry of `imaging.resize_geometry`.
+   BILINEAR with a support widened by the scale), in PIL's two passes (rows, then
+   columns) each rounded to uint8 like PIL, with the crop/pad geometry of
+   `imaging.resize_geometry`.
+6. `stored_pixels`: what the trainer decodes once the pipeline has stored those pixels.
+   For JPEG this is TensorFlow's encoder at the pipeline's quality and chroma
+   subsampling, which writes what PIL writes, then the trainer's decode. The serving
+   signature ends with it, so a model is served the pixels it was trained and
+   evaluated on, and a stored-record metric is what serving delivers.
 
 WebP: TF 2.21 has `tf.io.decode_webp` and `decode_image` recognises WebP, but
 only with `channels` equal to the file's own (3 or 4); we decode with
@@ -39,10 +45,13 @@ import tensorflow as tf
 
 from pipelines.contract.imaging import (
     ANY_FILE_MAY_DECLARE,
+    DEFAULT_JPEG_QUALITY,
     DEFAULT_MAX_PIXELS,
     JPEG_SOS,
+    JPEG_SUBSAMPLING,
     MAX_JPEG_SCANS,
     MAX_PIXELS_PER_BYTE,
+    ImageFormat,
     ResizeMode,
 )
 
@@ -401,10 +410,11 @@ def resize(pixels: tf.Tensor, target_hw: tuple[int, int], mode: ResizeMode) -> t
     scaled_hw, box = resize_geometry(source_hw, target_hw, mode)
 
     def scale():
-        resized = tf.image.resize(tf.cast(pixels, tf.float32), scaled_hw, method="bilinear",
-                                  antialias=True)
-        # PIL rounds half up after its fixed-point filter.
-        return tf.cast(tf.clip_by_value(tf.floor(resized + 0.5), 0, 255), tf.uint8)
+        # PIL resamples the rows, rounds to uint8, then resamples the columns. One float
+        # pass over both sides is off by a level on many values; the same two passes
+        # match PIL's on nearly all (tests/test_imaging_tf.py, docs/performance.md).
+        rows = _resample(tf.cast(pixels, tf.float32), tf.stack([source_hw[0], scaled_hw[1]]))
+        return tf.cast(_resample(rows, scaled_hw), tf.uint8)
 
     scaled = tf.cond(tf.reduce_all(tf.equal(scaled_hw, source_hw)), lambda: pixels, scale)
     top, left, bottom, right = tf.unstack(box)
@@ -416,14 +426,47 @@ def resize(pixels: tf.Tensor, target_hw: tuple[int, int], mode: ResizeMode) -> t
     return tf.ensure_shape(scaled, [target_hw[0], target_hw[1], 3])
 
 
+def _resample(pixels: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+    """float32 [h, w, 3] -> float32 [*size, 3] holding uint8 levels: one antialiased
+    bilinear pass, rounded half up as PIL rounds after its fixed-point filter."""
+    resized = tf.image.resize(pixels, size, method="bilinear", antialias=True)
+    return tf.clip_by_value(tf.floor(resized + 0.5), 0, 255)
+
+
+@_plain_graph
+def stored_pixels(pixels: tf.Tensor, image_format: ImageFormat | str,
+                  jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> tf.Tensor:
+    """uint8 [h, w, 3] -> uint8 [h, w, 3]: the pixels the trainer decodes after the
+    pipeline stored `pixels` as `image_format` (`imaging.encode`), i.e. unchanged for the
+    lossless formats and the JPEG round trip for JPEG. TensorFlow's encoder with PIL's
+    settings (baseline, not optimized, the same quality and chroma subsampling) writes the
+    same coefficients as PIL, and the decode is the trainer's (`trainer.input`)."""
+    if ImageFormat(image_format) is not ImageFormat.JPEG:
+        return pixels
+    encoded = tf.io.encode_jpeg(pixels, quality=jpeg_quality, progressive=False,
+                                optimize_size=False,
+                                chroma_downsampling=JPEG_SUBSAMPLING == "4:2:0")
+    decoded = tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")
+    return tf.reshape(decoded, tf.shape(pixels))
+
+
 @_plain_graph
 def process_image(
     data: tf.Tensor,
     target_hw: tuple[int, int],
     mode: ResizeMode = ResizeMode.SQUASH,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    stored_as: ImageFormat | str | None = None,
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY,
 ) -> tf.Tensor:
-    """Source file bytes (string scalar) -> uint8 [*target_hw, 3]: the pipeline's pixels
-    before they are stored, i.e. `imaging.resize(imaging.decode_rgb(...))`."""
-    pixels = decode_rgb(data, target_hw, max_pixels)
-    return resize(pixels, target_hw, ResizeMode(mode))
+    """Source file bytes (string scalar) -> uint8 [*target_hw, 3].
+
+    stored_as None: the pipeline's pixels before they are stored, i.e.
+    `imaging.resize(imaging.decode_rgb(...))`. A format (the serving signature passes
+    the manifest's): the pixels the trainer reads back from the shards (`stored_pixels`).
+    """
+    pixels = resize(decode_rgb(data, target_hw, max_pixels), target_hw, ResizeMode(mode))
+    if stored_as is None:
+        return pixels
+    return tf.ensure_shape(stored_pixels(pixels, stored_as, jpeg_quality),
+                           [target_hw[0], target_hw[1], 3])
