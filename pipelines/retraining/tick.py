@@ -53,6 +53,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import GoogleCloudOptions
 
 from pipelines import run as run_lib
+from pipelines.cloud import access
+from pipelines.cloud import dry_run as dry_run_lib
 from pipelines.cloud import vertex as vertex_lib
 from pipelines.contract import manifest as manifest_lib
 from pipelines.contract import ownership
@@ -93,6 +95,8 @@ class RetrainConfig:
     run_id: str | None = None
     vertex: vertex_lib.VertexConfig | None = None
     trainer_warm_start: bool = True  # the trainer has --warm_start
+    dry_run: bool = False  # print the plan only (`dry_run`)
+    check: bool = False  # with dry_run: the online checks too
 
 
 # ---------------------------------------------------------------- command line
@@ -118,6 +122,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--run_id", help="name of the run folder (default: UTC time); run "
                         "ids must sort in time order")
     vertex_lib.add_arguments(parser)  # the same as `python -m pipelines.run`
+    parser.add_argument("--dry_run", action="store_true",
+                        help="print the tick's plan without touching Google Cloud (the Vertex "
+                        "AI job body as JSON on stdout); run nothing")
+    parser.add_argument("--check", action="store_true",
+                        help="with --dry_run: also make the online checks (credentials, "
+                        "endpoints, the input's size, what --root holds)")
     return parser
 
 
@@ -156,6 +166,8 @@ def parse_args(argv: Sequence[str]) -> RetrainConfig:
         run_id=known.run_id,
         vertex=vertex,
         trainer_warm_start="--warm_start" in run_lib.trainer_flag_arity(),
+        dry_run=known.dry_run,
+        check=known.check,
     )
 
 
@@ -575,16 +587,82 @@ def _log(message: str) -> None:
     print(f"[retrain] {message}", file=sys.stderr, flush=True)
 
 
+def cloud_use(config: RetrainConfig) -> access.CloudUse:
+    """What a tick uses on Google Cloud: the preprocess job's, --root, the Vertex AI job."""
+    _, options = parse_preprocess_args([*config.preprocess_args, "--output",
+                                        config.preprocess.output])
+    use = dry_run_lib.preprocess_cloud_use(config.preprocess, options, config.root)
+    return dataclasses.replace(use, vertex_region=config.vertex.region if config.vertex else None)
+
+
+def dry_run(config: RetrainConfig) -> int:
+    """Prints the tick's plan (stderr; a Vertex AI job body on stdout) and returns 0; reads
+    Google Cloud only with --check. Raises UsageError, InputError or CloudAccessError."""
+    run_id = config.run_id or "<UTC time>"
+    data, model_dir = (manifest_lib.join(run_dir(config.root, run_id), part)
+                       for part in (DATA, MODEL))
+    preprocess = dataclasses.replace(config.preprocess, output=data)
+    _, options = parse_preprocess_args([*config.preprocess_args, "--output", data])
+    lines = ["dry run: nothing runs" + ("" if config.check else
+                                        "; Google Cloud is not contacted")]
+    size = dry_run_lib.local_input_size(preprocess)
+    if config.check:
+        gcs_input = preprocess.input if (preprocess.input or "").startswith("gs://") else None
+        checked, listed = dry_run_lib.online_checks(cloud_use(config), gcs_input, config.root)
+        lines += checked
+        size = size or listed
+    lines += [f"1. reads {manifest_lib.join(config.root, CURRENT)} and the runs' {RECORD}; "
+              "stops (no_new_data) if the input listing and the flags are unchanged",
+              f"2. preprocess into {data}, --reuse_from the newest complete earlier output",
+              *[f"  {line}" for line in dry_run_lib.dataflow_lines(options)
+                + dry_run_lib.preprocess_lines(preprocess, options)[1:]]]
+    job = None
+    if config.vertex is not None:
+        vertex = dataclasses.replace(config.vertex, base_output_dir=model_dir,
+                                     display_name=f"imagebeam-retrain-{run_id}")
+        job = vertex_lib.build_custom_job(vertex, [*config.trainer_args, "--data", data,
+                                                   "--model_dir", model_dir])
+        lines += [f"3. train on Vertex AI in {vertex.project}/{vertex.region}: "
+                  f"{vertex_lib.describe(job)}; the CustomJob body is on stdout (JSON)"]
+    else:
+        lines += [f"3. train here: python -m trainer.task {' '.join(config.trainer_args)} "
+                  f"--data {data} --model_dir {model_dir}"]
+    lines += ["   warm start from the current model's checkpoints when labels, model and "
+              "size are unchanged (checked at run time)",
+              f"4. gate ({config.rule.metric}, margin {config.rule.margin:g}, drift blocking "
+              f"{config.rule.block_on_drift}) on this run's test split; if it passes, swap "
+              f"{manifest_lib.join(config.root, CURRENT)}",
+              f"5. write {manifest_lib.join(run_dir(config.root, run_id), RECORD)}"]
+    lines += dry_run_lib.cost_lines(size, options, config.vertex)
+    if not config.check:
+        lines += dry_run_lib.run_time_lines(
+            options, f"what {config.root} holds (current.json, earlier runs) and whether "
+            "another tick holds it")
+    for line in lines:
+        _log(line)
+    if job is not None:
+        print(vertex_lib.job_json(job))
+    return 0
+
+
 def _stop(signum, frame):
     raise SystemExit(143)  # unwinds through run_step, which stops the running child
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: 0 done (promoted, rejected or nothing new), 1 a step
-    failed, 2 usage error, 143 stopped by SIGTERM."""
+    """Command-line entry point: 0 done (promoted, rejected or nothing new; or the
+    --dry_run plan printed), 1 a step failed, 2 usage error (no Google Cloud credentials
+    or an endpoint unreachable included), 143 stopped by SIGTERM."""
     try:
         config = parse_args(sys.argv[1:] if argv is None else argv)
-    except UsageError as err:
+        if config.dry_run:
+            return dry_run(config)
+        if config.check:
+            raise UsageError("--check goes with --dry_run (a real tick always checks)")
+        # Before any listing: Beam and the storage client retry a missing credential or
+        # an unreachable endpoint for minutes.
+        access.preflight(cloud_use(config))
+    except (UsageError, InputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     previous = signal.signal(signal.SIGTERM, _stop)
