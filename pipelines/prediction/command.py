@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from pipelines.cloud import access
 from pipelines.contract import ownership
 from pipelines.contract.errors import UsageError
 from pipelines.prediction import model as model_lib
@@ -33,6 +34,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     logging.getLogger().setLevel(logging.WARNING)
     try:
         config, options = parse_args(sys.argv[1:] if argv is None else argv)
+        # Before the model or input is read: one line, not minutes of client retries.
+        access.preflight(access.cloud_use(
+            [*input_paths(config).values(), config.output],
+            dataflow_endpoint=access.dataflow_endpoint(options)))
         ownership.refuse_overlaps(config.output, input_paths(config))
         saved_model = model_lib.resolve_model(config.model)
         ownership.refuse_overlaps(config.output, {"--model (its SavedModel)": saved_model})
