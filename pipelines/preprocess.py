@@ -103,7 +103,8 @@ def dry_run(config: PreprocessConfig, options: PipelineOptions, check: bool) -> 
             dry_run_lib.preprocess_cloud_use(config, options), gcs_input, config.output)
         lines += checked
         size = size or listed
-    lines += dry_run_lib.dataflow_lines(options) + dry_run_lib.preprocess_lines(config, options)
+    lines += dry_run_lib.dataflow_lines(options)
+    lines += dry_run_lib.preprocess_lines(config, options, size)
     lines += dry_run_lib.cost_lines(size, options, None)
     if not check:
         lines += dry_run_lib.run_time_lines(options)

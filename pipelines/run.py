@@ -275,7 +275,7 @@ def dry_run(plan_: Plan) -> int:
     lines.append(_REUSING.format(prep=plan_.prep) if reuse else
                  f"1/2 preprocess: {shlex.join(plan_.preprocess_command())}")
     lines += [f"  {line}" for line in (dry_run_lib.dataflow_lines(options)
-                                       + dry_run_lib.preprocess_lines(config, options))]
+                                       + dry_run_lib.preprocess_lines(config, options, size))]
     vertex_config, job = vertex_job(plan_) if plan_.args.trainer == "vertex" else (None, None)
     if job is None:
         lines.append(f"2/2 train: {shlex.join(plan_.trainer_command())}")

@@ -68,9 +68,10 @@ class CloudUse:
         return (bool(self.dataflow_endpoint) or bool(self.vertex_region)
                 or (self.gcs and not environ.get("STORAGE_EMULATOR_HOST")))
 
-    def services(self) -> str:
-        """'gs:// paths, Dataflow and Vertex AI' (what needs the credentials)."""
-        names = [name for name, used in (("gs:// paths", self.gcs),
+    def services(self, environ: Mapping[str, str]) -> str:
+        """'gs:// paths, Dataflow and Vertex AI': what needs the credentials."""
+        gcs = self.gcs and not environ.get("STORAGE_EMULATOR_HOST")
+        names = [name for name, used in (("gs:// paths", gcs),
                                          ("Dataflow", self.dataflow_endpoint),
                                          ("Vertex AI", self.vertex_region)) if used]
         return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
@@ -154,13 +155,28 @@ def check_credentials(use: CloudUse) -> str:
     import google.auth
     import google.auth.exceptions
 
+    # google.auth.default's own order. A file is loaded directly: for gcloud's file,
+    # default() would also run `gcloud config config-helper` for a project id, and that
+    # refreshes gcloud's token over the network.
+    path = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS") or _gcloud_adc_file()
     request = None if _metadata_server_expected(os.environ) else _NoMetadataServer()
     try:
         with _quiet("google.auth"):  # its lines about the metadata server: ours is one
-            credentials, _project = google.auth.default(request=request)
+            if path:
+                credentials, _project = google.auth.load_credentials_from_file(path)
+            else:
+                credentials, _project = google.auth.default(request=request)
     except google.auth.exceptions.DefaultCredentialsError as err:
         raise CloudAccessError(_credentials_message(use, err)) from None
     return _kind(credentials)
+
+
+def _gcloud_adc_file() -> str | None:
+    """Where `gcloud auth application-default login` writes, if it did."""
+    from google.auth import _cloud_sdk
+
+    path = _cloud_sdk.get_application_default_credentials_path()
+    return path if os.path.isfile(path) else None
 
 
 def _credentials_message(use: CloudUse, err: Exception) -> str:
@@ -169,9 +185,9 @@ def _credentials_message(use: CloudUse, err: Exception) -> str:
         # google-auth names the file and what is wrong with it, never its contents; keep
         # only its first line all the same.
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return (f"Google Cloud credentials are needed ({use.services()}) and "
+        return (f"Google Cloud credentials are needed ({use.services(os.environ)}) and "
                 f"GOOGLE_APPLICATION_CREDENTIALS={explicit} gives none: {reason}")
-    return (f"Google Cloud credentials are needed ({use.services()}) and none were found "
+    return (f"Google Cloud credentials are needed ({use.services(os.environ)}) and none were found "
             f"(Application Default Credentials): {LOGIN_HINT}")
 
 

@@ -176,8 +176,9 @@ def preprocess_cloud_use(config: PreprocessConfig, options: PipelineOptions,
                             dataflow_endpoint=access.dataflow_endpoint(options))
 
 
-def preprocess_lines(config: PreprocessConfig, options: PipelineOptions) -> list[str]:
-    """What the preprocess step reads and writes."""
+def preprocess_lines(config: PreprocessConfig, options: PipelineOptions,
+                     size: InputSize | None = None) -> list[str]:
+    """What the preprocess step reads (with its size where known) and writes."""
     reads = [f"{flag} {value}" for flag, value in (
         ("--input", config.input), ("--labels", config.labels_csv),
         ("--reuse_from", config.reuse_from), ("--baseline_stats", config.baseline_stats))
@@ -186,7 +187,8 @@ def preprocess_lines(config: PreprocessConfig, options: PipelineOptions) -> list
              f"{options.view_as(dataflow.StandardOptions).runner}")
     return [
         f"preprocess {where}",
-        f"  reads: {'; '.join(reads)}",
+        f"  reads: {'; '.join(reads)}" + (f" ({size.files} files, {size.bytes / 1e6:.1f} MB, "
+                                           f"{size.where})" if size else ""),
         f"  writes: {config.output}/ (its _IN_PROGRESS claim first; data/, errors/, index/, "
         "stats/, transform_output/; manifest.json last)",
     ]
