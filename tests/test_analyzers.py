@@ -96,7 +96,7 @@ def test_train_split_is_train_else_the_first():
 def test_pipeline_output_normalization_matches_the_written_train_pixels(tmp_path_factory):
     """End to end: PNG shards hold exactly the pixels the analyzers summed."""
     out = stats_outputs.base_output(tmp_path_factory)
-    manifest = read_manifest(str(out))
+    manifest = read_manifest(str(out)).to_json()
     numbers = transform_output.normalization_from_transform_output(
         str(out / manifest["transform_output"]))
     pixels, labels = [], []

@@ -104,7 +104,7 @@ def test_histogram_js_rebins_different_edges():
 
 def test_identical_rerun_with_baseline_reports_no_anomalies(tmp_path_factory):
     out = stats_outputs.rerun_output(tmp_path_factory)
-    manifest = read_manifest(str(out))
+    manifest = read_manifest(str(out)).to_json()
     anomalies = json.loads((out / manifest["anomalies"]).read_text())
     assert anomalies["baseline"].endswith("statistics.pb")
     assert anomalies["anomalies"] == []

@@ -45,7 +45,7 @@ def read_split(out, manifest, split):
 
 
 def test_every_file_is_accounted_for(output, corpus_dir):
-    manifest = read_manifest(str(output))
+    manifest = read_manifest(str(output)).to_json()
     assert {k: manifest["accounting"][k] for k in corpus_dir[1]} == corpus_dir[1]
     errors = [json.loads(line) for line in (output / manifest["errors_path"]).open()]
     reasons = {e["uri"].rsplit("/", 1)[1]: e["reason"] for e in errors}
@@ -56,7 +56,7 @@ def test_every_file_is_accounted_for(output, corpus_dir):
 
 
 def test_records_follow_the_contract_and_carry_duplicates_once(output):
-    manifest = read_manifest(str(output))
+    manifest = read_manifest(str(output)).to_json()
     rows = [r for split in manifest["splits"] for _, r in read_split(output, manifest, split)]
     assert len(rows) == manifest["accounting"]["images_written"]
     assert len({r[records.SHA256] for r in rows}) == len(rows)
@@ -73,7 +73,7 @@ def test_records_follow_the_contract_and_carry_duplicates_once(output):
 
 
 def test_exif_rotated_image_is_stored_upright(output):
-    manifest = read_manifest(str(output))
+    manifest = read_manifest(str(output)).to_json()
     rows = [r for split in manifest["splits"] for _, r in read_split(output, manifest, split)]
     (rotated,) = [r for r in rows if r[records.SOURCE_ID][0].endswith(b"rotated.jpg")]
     assert (rotated[records.ORIGINAL_HEIGHT], rotated[records.ORIGINAL_WIDTH]) == (40, 60)
@@ -83,7 +83,7 @@ def test_exif_rotated_image_is_stored_upright(output):
 
 
 def test_shards_are_balanced_and_splits_disjoint(output):
-    manifest = read_manifest(str(output))
+    manifest = read_manifest(str(output)).to_json()
     seen = {}
     for split, entry in manifest["splits"].items():
         sizes = [s["num_examples"] for s in entry["shards"]]
@@ -103,7 +103,7 @@ def test_rerun_is_byte_identical_and_independent_of_parallelism(output, corpus_d
     run_ok("--input", str(corpus_dir[0]), "--output", str(again), *ARGS,
            "--direct_running_mode", "multi_threading", "--direct_num_workers", "2",
            "--decode_threads", "1")
-    first, second = read_manifest(str(output)), read_manifest(str(again))
+    first, second = read_manifest(str(output)).to_json(), read_manifest(str(again)).to_json()
     assert first["splits"] == second["splits"]
     for entry in first["splits"].values():
         for shard in entry["shards"]:
@@ -123,15 +123,15 @@ def test_killed_run_leftovers_are_cleaned_and_never_look_complete(corpus_dir, tm
     (out / "_IN_PROGRESS").write_bytes(ownership.ClaimRecord(
         run_id="killed", entries=OUTPUT_ENTRIES, created_at=0.0).to_bytes())
     with pytest.raises(FileNotFoundError):
-        read_manifest(str(out))
+        read_manifest(str(out)).to_json()
     run_ok("--input", str(corpus_dir[0]), "--output", str(out), *ARGS, "--splits",
            "train=0.5,test=0.5", "--direct_running_mode", "in_memory")
     assert not (out / "data" / "train-00000-of-00009.tfrecord").exists()
-    manifest = read_manifest(str(out))
+    manifest = read_manifest(str(out)).to_json()
     assert set(manifest["splits"]) == {"train", "test"}
     run_ok("--input", str(corpus_dir[0]), "--output", str(out), *ARGS, "--overwrite",
            "--direct_running_mode", "in_memory")
-    assert set(read_manifest(str(out))["splits"]) == {"train", "validation", "test"}
+    assert set(read_manifest(str(out)).to_json()["splits"]) == {"train", "validation", "test"}
 
 
 def test_labels_csv_gives_several_labels_to_one_image(corpus_dir, tmp_path):
@@ -145,7 +145,7 @@ def test_labels_csv_gives_several_labels_to_one_image(corpus_dir, tmp_path):
     out = tmp_path.parent / f"{tmp_path.name}-out"  # not inside the CSV's folder
     run_ok("--labels", str(csv), "--output", str(out), *ARGS, "--direct_running_mode",
            "in_memory")
-    manifest = read_manifest(str(out))
+    manifest = read_manifest(str(out)).to_json()
     assert manifest["labels"] == ["cat", "dog", "outdoor"]
     assert manifest["accounting"]["images_written"] == 2
     assert manifest["accounting"]["label_conflicts"] == 0
@@ -168,7 +168,7 @@ def test_stored_pixels_match_imaging_module(output, corpus_dir):
     """The shards hold exactly what pipelines.contract.imaging makes of the source file."""
     from pipelines.contract.imaging import ImageSpec, process_image
 
-    manifest = read_manifest(str(output))
+    manifest = read_manifest(str(output)).to_json()
     rows = [r for split in manifest["splits"] for _, r in read_split(output, manifest, split)]
     row = next(r for r in rows if r[records.SOURCE_ID][0].endswith(b"photo3.jpg"))
     source = (corpus_dir[0] / "cat" / "photo3.jpg").read_bytes()
@@ -187,9 +187,9 @@ def test_reuse_from_earlier_output_skips_decoding_and_gives_identical_shards(
     incremental, scratch = tmp_path / "incremental", tmp_path / "scratch"
     run_ok("--input", str(raw), "--output", str(incremental), *ARGS, "--reuse_from", str(output))
     run_ok("--input", str(raw), "--output", str(scratch), *ARGS)
-    first = read_manifest(str(incremental))
+    first = read_manifest(str(incremental)).to_json()
     assert first["accounting"]["reused"] == first["accounting"]["images_written"] - 1
-    assert read_manifest(str(scratch))["accounting"]["reused"] == 0
+    assert read_manifest(str(scratch)).to_json()["accounting"]["reused"] == 0
     for entry in first["splits"].values():
         for shard in entry["shards"]:
             assert _without_uris(incremental / shard["path"]) == _without_uris(
@@ -255,7 +255,7 @@ def test_reuse_verifies_earlier_bytes_and_decodes_what_does_not_match(clean_runs
     unverified = _corrupt(earlier, how)
     out = tmp_path / "out"
     run_ok("--input", str(raw), "--output", str(out), *ARGS, "--reuse_from", str(earlier))
-    manifest, expected = read_manifest(str(out)), read_manifest(str(scratch))
+    manifest, expected = read_manifest(str(out)).to_json(), read_manifest(str(scratch)).to_json()
     written = manifest["accounting"]["images_written"]
     assert 0 < unverified <= written
     assert manifest["accounting"]["reused"] == written - unverified

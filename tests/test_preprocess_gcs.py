@@ -25,14 +25,14 @@ def test_gs_to_gs_run_matches_local_run(emulator, tmp_path):
             *corpus.ERROR_BUDGET_ARGS]
     assert preprocess.run(["--input", "gs://images/raw", "--output", "gs://images/prep",
                            *args]) == 0
-    manifest = read_manifest("gs://images/prep")
+    manifest = read_manifest("gs://images/prep").to_json()
     assert {k: manifest["accounting"][k] for k in expected} == expected
     assert FileSystems.match(["gs://images/prep/_tmp/**"])[0].metadata_list == []
     assert not FileSystems.exists("gs://images/prep/_IN_PROGRESS")
 
     # Same records as a local run of the same files, but for the source uris they carry.
     assert preprocess.run(["--input", str(raw), "--output", str(tmp_path / "local"), *args]) == 0
-    local = read_manifest(str(tmp_path / "local"))
+    local = read_manifest(str(tmp_path / "local")).to_json()
     for name, entry in manifest["splits"].items():
         assert [s["path"] for s in entry["shards"]] == [
             s["path"] for s in local["splits"][name]["shards"]]

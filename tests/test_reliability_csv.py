@@ -104,7 +104,7 @@ def test_hostile_csv_end_to_end_never_reads_outside_and_accounts_for_every_row(l
     assert preprocess.run(["--labels", csv_uri, "--output", str(out), "--image_size", "32",
                            "--num_shards", "1", "--no_progress",
                            "--direct_running_mode", "in_memory"]) == 0
-    manifest = read_manifest(str(out))
+    manifest = read_manifest(str(out)).to_json()
     rejected = sum(reason is not None for _, reason in HOSTILE_ROWS)
     accounting = manifest["accounting"]
     assert accounting["images_written"] == 2 and accounting["errors"] == 0

@@ -68,7 +68,7 @@ def test_ten_percent_failing_requests_give_byte_identical_output(flaky):
     assert 0.05 <= share <= 0.2, plan.injected
     assert all(plan.injected[kind] for kind in FAILURE_KINDS), plan.injected
 
-    clean, flaky_manifest = read_manifest("gs://images/clean"), read_manifest("gs://images/flaky")
+    clean, flaky_manifest = read_manifest("gs://images/clean").to_json(), read_manifest("gs://images/flaky").to_json()
     assert {k: flaky_manifest["accounting"][k] for k in expected} == expected
     assert flaky_manifest["splits"] == clean["splits"]
     assert flaky_manifest["skipped"] == clean["skipped"]

@@ -1,6 +1,7 @@
 """report.html: every section, self-contained, thumbnails decoded from the written shards."""
 
 import base64
+import dataclasses
 import io
 import json
 import re
@@ -27,8 +28,8 @@ def output(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def page(output) -> str:
     manifest = read_manifest(str(output))
-    assert manifest["report"] == report.REPORT_PATH
-    return (output / manifest["report"]).read_text()
+    assert manifest.report == report.REPORT_PATH
+    return (output / manifest.report).read_text()
 
 
 def images_in(page: str) -> list[Image.Image]:
@@ -57,10 +58,10 @@ def test_page_is_self_contained(page):
 def test_thumbnails_are_the_shards_images(page, output):
     manifest = read_manifest(str(output))
     per_label: Counter = Counter()
-    for entry in manifest["splits"].values():
-        per_label.update(entry["class_counts"])
+    for entry in manifest.splits.values():
+        per_label.update(entry.class_counts)
     thumbnails = images_in(page)
-    per_class = report.thumbnails_per_class(len(manifest["labels"]))
+    per_class = report.thumbnails_per_class(len(manifest.labels))
     assert per_class == report.THUMBNAILS_PER_CLASS and report.thumbnails_per_class(5000) == 2
     expected = sum(min(n, per_class) for n in per_label.values())
     assert len(thumbnails) == expected
@@ -72,7 +73,7 @@ def test_thumbnails_are_the_shards_images(page, output):
 def test_read_thumbnails_shows_the_stored_pixels(output):
     manifest = read_manifest(str(output))
     shards = report.shards_in_reading_order(manifest)
-    found = report.read_thumbnails(str(output), shards[:1], manifest["labels"], per_class=1)
+    found = report.read_thumbnails(str(output), shards[:1], manifest.labels, per_class=1)
     split, path = shards[0]
     raw = next(iter(tf.data.TFRecordDataset(str(output / path))))
     example = tf.io.parse_single_example(raw, records.FEATURE_SPEC)
@@ -88,7 +89,7 @@ def test_read_thumbnails_shows_the_stored_pixels(output):
 
 def test_dead_letters_duplicates_and_conflicts_are_listed(page, output):
     manifest = read_manifest(str(output))
-    errors = [json.loads(line) for line in (output / manifest["errors_path"]).open()]
+    errors = [json.loads(line) for line in (output / manifest.errors_path).open()]
     for error in errors:
         assert f"<td>{error['uri']}</td>" in page
     for name, (_, reason) in corpus.broken_files().items():
@@ -104,7 +105,7 @@ def test_config_timings_and_no_baseline(page):
 
 def test_rendering_escapes_and_shows_drift(output):
     manifest = read_manifest(str(output))
-    stats = stats_lib.read_statistics(str(output / manifest["statistics"]))
+    stats = stats_lib.read_statistics(str(output / manifest.statistics))
     hostile = "<script>alert(1)</script>"
     anomalies = {"baseline": "gs://b/old/stats/statistics.pb", "thresholds": {},
                  "anomalies": [{"kind": "class_appeared", "severity": "warning", "split": "all",
@@ -112,7 +113,8 @@ def test_rendering_escapes_and_shows_drift(output):
                                 "description": f"class {hostile!r} is new"}],
                  "metrics": {"label_linf": {"all": 0.25}}}
     page = report.render_report(
-        manifest={**manifest, "labels": [*manifest["labels"], hostile]}, statistics=stats,
+        manifest=dataclasses.replace(manifest, labels=(*manifest.labels, hostile)),
+        statistics=stats,
         anomalies=anomalies, thumbnails={}, errors=[], duplicates=[], timings={})
     assert hostile not in page and "&lt;script&gt;" in page
     assert "1 anomaly" in page and "class_appeared" in page and "0.2500" in page

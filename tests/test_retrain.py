@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pipelines.contract.jsonio import write_json_atomically
+from pipelines.contract.manifest import Accounting, ImageSpec, Manifest
 from pipelines.preprocessing.options import UsageError
 from pipelines.retraining import gate
 from pipelines.retraining import tick as retrain
@@ -124,7 +125,8 @@ def test_fingerprint_moves_with_the_input_files_and_flags(tmp_path):
 
 def test_warm_start_only_from_a_model_with_the_same_labels_model_and_size(tmp_path):
     config = retrain.parse_args([*BASE, "--model", "linear", "--image_size", "32"])
-    manifest = {"labels": ["a", "b"], "image": {"height": 32, "width": 32}}
+    manifest = Manifest(input=None, config={}, image=ImageSpec(32, 32, 3, "jpeg", "squash"),
+                        labels=("a", "b"), splits={}, accounting=Accounting(0, 0, 0, 0, 0, 0, 0))
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
     (checkpoints / "checkpoint").write_text('model_checkpoint_path: "ckpt-1"\n')

@@ -61,13 +61,13 @@ def test_names_with_glob_characters_are_read_and_reuse_from_is_literal(lookalike
     assert preprocess.run(["--input", str(raw), "--output", str(lookalikes / "prev"),
                            *ARGS]) == 0
     (lookalikes / "prev").rename(previous)
-    manifest = read_manifest(str(previous))
+    manifest = read_manifest(str(previous)).to_json()
     assert manifest["accounting"]["images_written"] == len(NAMES)
     assert manifest["accounting"]["errors"] == 0
     out = lookalikes / "out"
     assert preprocess.run(["--input", str(raw), "--output", str(out), *ARGS,
                            "--reuse_from", str(previous)]) == 0
-    assert read_manifest(str(out))["accounting"]["reused"] == len(NAMES)
+    assert read_manifest(str(out)).to_json()["accounting"]["reused"] == len(NAMES)
 
 
 def test_labels_csv_uris_with_glob_characters_are_literal(lookalikes):
@@ -104,5 +104,5 @@ def test_gs_names_with_glob_characters_are_decoded(emulator, tmp_path):
     emulator.upload_folder(str(local), "gs://images/names")
     assert preprocess.run(["--input", "gs://images/names", "--output",
                            str(tmp_path / "out"), *ARGS]) == 0
-    manifest = read_manifest(str(tmp_path / "out"))
+    manifest = read_manifest(str(tmp_path / "out")).to_json()
     assert manifest["accounting"]["images_written"] == len(NAMES), json.dumps(manifest)

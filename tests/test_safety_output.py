@@ -120,7 +120,7 @@ def test_overwrite_replaces_only_what_our_manifest_lists(complete_output, tmp_pa
     photos, out = complete_output
     copy = tmp_path / "out"
     subprocess.run(["cp", "-a", str(out), str(copy)], check=True)
-    manifest = read_manifest(str(copy))
+    manifest = read_manifest(str(copy)).to_json()
     assert manifest["entries"] == list(manifest_lib.OUTPUT_ENTRIES)
     # A complete output is not replaced without --overwrite.
     before = tree_digest(copy)
@@ -135,7 +135,7 @@ def test_overwrite_replaces_only_what_our_manifest_lists(complete_output, tmp_pa
     (copy / "my_notes.txt").unlink()
     assert preprocess.run(["--input", str(photos), "--output", str(copy), "--overwrite",
                            *ARGS]) == 0
-    assert read_manifest(str(copy))["splits"] == manifest["splits"]
+    assert read_manifest(str(copy)).to_json()["splits"] == manifest["splits"]
 
 
 # ---------------------------------------------------------------- overlapping paths
@@ -199,7 +199,7 @@ def test_a_live_claim_refuses_a_second_run_and_a_dead_one_is_taken_over(tmp_path
     assert "first-run" in err and tree_digest(out) == before
     held.release()  # as if that run died: the kernel drops its lock
     assert preprocess.run(["--input", str(photos), "--output", str(out), *ARGS]) == 0
-    manifest = read_manifest(str(out))
+    manifest = read_manifest(str(out)).to_json()
     shards = {s["path"] for split in manifest["splits"].values() for s in split["shards"]}
     assert {f"data/{p.name}" for p in (out / "data").iterdir()} == shards
     assert not (out / "_IN_PROGRESS").exists()
@@ -228,7 +228,7 @@ def test_two_concurrent_runs_one_completes_the_other_refuses(tmp_path):
     assert codes == [0, 2], results
     loser = next(err for code, err in results if code == 2)
     assert "in use by" in loser or "already holds a complete output" in loser, loser
-    manifest = read_manifest(str(out))
+    manifest = read_manifest(str(out)).to_json()
     shards = {s["path"] for split in manifest["splits"].values() for s in split["shards"]}
     assert {f"data/{p.name}" for p in (out / "data").iterdir()} == shards
     for path in shards:
@@ -279,7 +279,7 @@ def test_a_run_where_every_file_fails_exits_nonzero_without_a_manifest(tmp_path,
 def test_the_error_budget_passes_a_few_corrupt_files_and_fails_many(tmp_path, capsys):
     raw = make_images(tmp_path / "raw", per_class=10, broken=1)  # 1 of 21: 4.8%
     assert preprocess.run(["--input", str(raw), "--output", str(tmp_path / "ok"), *ARGS]) == 0
-    assert read_manifest(str(tmp_path / "ok"))["accounting"]["errors"] == 1
+    assert read_manifest(str(tmp_path / "ok")).to_json()["accounting"]["errors"] == 1
     capsys.readouterr()
     code = preprocess.run(["--input", str(raw), "--output", str(tmp_path / "strict"), *ARGS,
                            "--max_error_rate", "0.01"])
@@ -382,4 +382,4 @@ def test_reading_a_manifest_of_another_version_or_shape_is_a_clear_error(change,
     (tmp_path / "manifest.json").write_text(json.dumps(
         {k: v for k, v in manifest.items() if v is not None}))
     with pytest.raises(manifest_lib.ManifestError, match=message):
-        read_manifest(str(tmp_path))
+        read_manifest(str(tmp_path)).to_json()

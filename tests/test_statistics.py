@@ -56,14 +56,14 @@ def numeric(dataset, path):
 
 
 def test_one_dataset_per_split_plus_dead_letters(output):
-    manifest = read_manifest(str(output))
+    manifest = read_manifest(str(output)).to_json()
     assert manifest["statistics"] == stats_lib.STATISTICS_PATH
     stats = load_stats_binary(output / manifest["statistics"])
     assert [d.name for d in stats.datasets] == [*manifest["splits"], stats_lib.DEAD_LETTERS]
 
 
 def test_split_statistics_match_the_shards(output):
-    manifest = read_manifest(str(output))
+    manifest = read_manifest(str(output)).to_json()
     stats = load_stats_binary(output / manifest["statistics"])
     datasets = stats_lib.split_datasets(stats)
     for split in manifest["splits"]:
@@ -107,7 +107,7 @@ def test_split_statistics_match_the_shards(output):
 
 
 def test_dead_letters_dataset_matches_the_error_file(output):
-    manifest = read_manifest(str(output))
+    manifest = read_manifest(str(output)).to_json()
     stats = load_stats_binary(output / manifest["statistics"])
     errors = [json.loads(line) for line in (output / manifest["errors_path"]).open()]
     dataset = stats_lib.dead_letters(stats)

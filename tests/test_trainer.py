@@ -1,6 +1,7 @@
 """The trainer end to end on real photos: learns, exports a SavedModel that serves raw
 file bytes like the stored images, resumes after a kill, stops cleanly on SIGTERM."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import pytest
 import tensorflow as tf
 
 from pipelines.contract import records
+from pipelines.contract.manifest import Manifest, read_manifest
 from trainer import agreement, checkpoints, train
 from trainer import config as config_lib
 from trainer import input as input_lib
@@ -89,7 +91,7 @@ def test_linear_probe_pools_as_global_average_pooling():
 
 
 def test_fallback_statistics_agree_with_the_transform_output(photo_prep):
-    manifest = json.loads((photo_prep.output / "manifest.json").read_text())
+    manifest = read_manifest(str(photo_prep.output))
     spec = input_lib.DataSpec.from_manifest(str(photo_prep.output), manifest)
     from_transform = train.load_normalization(spec)
     sampled = train.load_normalization(
@@ -154,8 +156,8 @@ def _train_linear(data: Path, model_dir: Path, *flags: str) -> dict:
     return train.run(config)
 
 
-def _manifest(root: Path) -> dict:
-    return json.loads((root / "manifest.json").read_text())
+def _manifest(root: Path) -> Manifest:
+    return read_manifest(str(root))
 
 
 def test_the_data_record_ignores_timings_and_place_but_not_one_image(photo_prep, tmp_path):
@@ -164,7 +166,7 @@ def test_the_data_record_ignores_timings_and_place_but_not_one_image(photo_prep,
     copy = tmp_path / "copy"
     shutil.copytree(photo_prep.output, copy)
     # What an identical rerun changes in the manifest: its timings (and where it lies).
-    rerun = {**_manifest(copy), "timings": {"started_at": "another day"}}
+    rerun = dataclasses.replace(_manifest(copy), timings={"started_at": "another day"})
     assert checkpoints.TrainedOn.of(str(copy), rerun, "linear") == ours
     assert checkpoints.TrainedOn.of(str(copy), rerun, "linear").fingerprint == (
         ours.fingerprint)
@@ -190,7 +192,7 @@ def test_checkpoints_of_other_data_are_set_aside_and_training_starts_fresh(
     # writes in place of the old output).
     other = tmp_path / "other"
     shutil.copytree(photo_prep.output, other)
-    manifest = _manifest(other)
+    manifest = _manifest(other).to_json()
     dropped = manifest["splits"]["train"]["shards"].pop()
     manifest["splits"]["train"]["num_examples"] -= dropped["num_examples"]
     (other / "manifest.json").write_text(json.dumps(manifest))
@@ -216,10 +218,10 @@ def test_checkpoints_of_other_data_are_set_aside_and_training_starts_fresh(
 
 def test_metrics_say_how_often_serving_the_original_files_agrees(trained, photo_prep):
     _, metrics = trained
-    manifest = json.loads((photo_prep.output / "manifest.json").read_text())
+    manifest = read_manifest(str(photo_prep.output))
     for split in ("validation", "test"):
         result = metrics["serving_agreement"][split]
-        assert result["num_examples"] == manifest["splits"][split]["num_examples"]
+        assert result["num_examples"] == manifest.splits[split].num_examples
         assert 0.0 <= result["agreement"] <= 1.0 and result["unreadable"] == 0
         assert result["accuracy_on_stored"] == pytest.approx(metrics[split]["accuracy"],
                                                              abs=1e-4)

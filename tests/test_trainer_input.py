@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from pipelines.contract import imaging_tf, records
 from pipelines.contract.imaging import ResizeMode
+from pipelines.contract.manifest import read_manifest
 from trainer import config as config_lib
 from trainer import distribute
 from trainer import input as input_lib
@@ -78,9 +79,9 @@ def test_uniform_schedule_draws_every_record_and_few_phantoms():
 
 
 def test_parsed_batches_are_the_stored_pixels_and_first_labels(photo_prep):
-    manifest = json.loads((photo_prep.output / "manifest.json").read_text())
+    manifest = read_manifest(str(photo_prep.output))
     spec = input_lib.DataSpec.from_manifest(str(photo_prep.output), manifest)
-    assert spec.labels == tuple(manifest["labels"]) and spec.transform_output
+    assert spec.labels == manifest.labels and spec.transform_output
     serialized = [r.numpy() for r in tf.data.TFRecordDataset(spec.splits["test"][0].path)]
     images, labels = input_lib.parse_batch(tf.constant(serialized), spec)
     assert images.shape == (len(serialized), 64, 64, 3) and images.dtype == tf.uint8
@@ -104,7 +105,7 @@ def test_a_record_with_several_labels_trains_on_the_first():
 
 
 def test_train_batches_cover_an_epoch_uniformly(photo_prep):
-    manifest = json.loads((photo_prep.output / "manifest.json").read_text())
+    manifest = read_manifest(str(photo_prep.output))
     spec = input_lib.DataSpec.from_manifest(str(photo_prep.output), manifest)
     examples = spec.num_examples("train")
     steps = input_lib.steps_per_epoch(examples, 8)
@@ -114,8 +115,8 @@ def test_train_batches_cover_an_epoch_uniformly(photo_prep):
         assert images.shape == (8, 64, 64, 3) and images.dtype == tf.uint8
         labels.extend(batch_labels.numpy().tolist())
     counts = Counter(labels)
-    expected = {spec.labels.index(k): 3 * v for k, v in manifest["splits"]["train"][
-        "class_counts"].items()}
+    train_counts = manifest.splits["train"].class_counts
+    expected = {spec.labels.index(k): 3 * v for k, v in train_counts.items()}
     # Three epochs' worth of batches (the stream runs on across epoch ends).
     assert all(abs(counts[k] - v) <= 8 + v * 0.1 for k, v in expected.items()), (counts, expected)
 

@@ -25,6 +25,7 @@ import logging
 import keras
 import tensorflow as tf
 
+from pipelines.contract.manifest import Manifest
 from trainer import distribute
 
 log = logging.getLogger(__name__)
@@ -47,17 +48,16 @@ class TrainedOn:
     data: str = dataclasses.field(default="", compare=False)  # where it lay (for people)
 
     @classmethod
-    def of(cls, data: str, manifest: dict, model: str) -> TrainedOn:
+    def of(cls, data: str, manifest: Manifest, model: str) -> TrainedOn:
         """The record of training `model` on the preprocess output at `data` (its manifest
         already read); reads the output's image index (a few hundred bytes per image)."""
-        image = manifest["image"]
-        index = manifest.get("index_path")
+        image = manifest.image
+        index = manifest.index_path
         return cls(
             model=model,
-            labels=tuple(manifest["labels"]),
-            image=f"{image['height']}x{image['width']} {image['format']} "
-                  f"{image.get('resize', 'squash')}",
-            splits=_sha256_json(manifest["splits"]),
+            labels=manifest.labels,
+            image=f"{image.height}x{image.width} {image.format} {image.resize}",
+            splits=_sha256_json(manifest.to_json()["splits"]),
             images=_sha256_file(f"{data.rstrip('/')}/{index}") if index else "",
             data=data,
         )

@@ -4,8 +4,14 @@ Train order, per epoch (reasons in the comments of `train_dataset`):
 
     shards --uniform_schedule--> records (choose_from_datasets)  # every example once
       -> shuffle (buffer sized in bytes)                         # local mixing
-      -> batch(drop_remainder) -> map(parse_example + decode, AUTOTUNE)
+      -> batch -> [skip consumed batches: a mid-epoch resume]    # still serialized
+      -> map(parse_example + decode, AUTOTUNE)
+      -> [map(augment, seeded by batch number), train only]       # trainer/augment.py
       -> prefetch(AUTOTUNE)                                       # last
+
+One replica: each epoch is shuffled and batched on its own (the last batch short), so any
+batch of any epoch can be reproduced alone. Several replicas: one stream across epoch
+ends, batches of a fixed shape (`train_dataset` says why).
 
 Uniform over examples. A plain interleave over files takes from each open file in
 turn, so with shards of 1000/2000/3000 records the small one is drawn as often as the
@@ -29,11 +35,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
 
 from pipelines.contract import records
+from pipelines.contract.manifest import Manifest
 
 AUTOTUNE = tf.data.AUTOTUNE
 SCHEDULE_BLOCK = 128  # shard draws per step of the schedule
@@ -64,25 +72,24 @@ class DataSpec:
     transform_output: str | None  # absolute, or None when the manifest names none
 
     @classmethod
-    def from_manifest(cls, root: str, manifest: dict) -> DataSpec:
+    def from_manifest(cls, root: str, manifest: Manifest) -> DataSpec:
         def join(relative: str) -> str:
             return f"{root.rstrip('/')}/{relative}"
 
-        image = manifest["image"]
-        transform = manifest.get("transform_output")
+        image = manifest.image
+        transform = manifest.transform_output
         return cls(
             root=root,
-            height=int(image["height"]),
-            width=int(image["width"]),
-            image_format=image["format"],
-            resize=image.get("resize", "squash"),
-            max_pixels=int(manifest.get("config", {}).get("image", {}).get(
-                "max_pixels", 100_000_000)),
-            labels=tuple(manifest["labels"]),
+            height=image.height,
+            width=image.width,
+            image_format=image.format,
+            resize=image.resize,
+            max_pixels=int(manifest.config.get("image", {}).get("max_pixels", 100_000_000)),
+            labels=manifest.labels,
             splits={
-                name: tuple(Shard(join(s["path"]), int(s["num_examples"]), int(s["num_bytes"]))
-                            for s in entry["shards"] if s["num_examples"] > 0)
-                for name, entry in manifest["splits"].items()
+                name: tuple(Shard(join(s.path), s.num_examples, s.num_bytes)
+                            for s in entry.shards if s.num_examples > 0)
+                for name, entry in manifest.splits.items()
             },
             transform_output=join(transform) if transform else None,
         )
@@ -230,12 +237,25 @@ def train_dataset(
     num_workers: int = 1,
     deterministic: bool = False,
     split: str = "train",
+    epoch_aligned: bool = False,
+    skip_batches: int = 0,
+    augment: Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tuple] | None = None,
 ) -> tf.data.Dataset:
     """Endless train batches from epoch `start_epoch` on: (uint8 [B, H, W, 3], int64 [B]).
 
     Fit with `steps_per_epoch(spec.num_examples(split), batch_size)`. Memory is bounded
     by the shuffle buffer (bytes), the read buffers and a few batches in flight, never
     by the number of examples (unless `cache` is "memory").
+
+    epoch_aligned: every epoch is its own batches (shuffled within the epoch, seeded by
+      (seed, epoch); the last batch of an epoch is short), so epoch e's batch k is the
+      same whatever epoch the run started in, and `skip_batches` (only with this, without
+      `cache`) drops the first batches of `start_epoch` before they are decoded: a run
+      resumed mid-epoch sees exactly the remaining records of that epoch, in the same
+      order. Without it batches run across epoch ends with a fixed shape (what several
+      replicas need: equal shares, one XLA compilation).
+    augment: (images, labels, global batch number int64) -> (images, labels), mapped
+      over decoded batches; the number counts from epoch 0, batch 0 of the run.
     """
     examples = worker_examples(spec, split, worker_index, num_workers)
     if not examples:
@@ -247,11 +267,22 @@ def train_dataset(
     def one_epoch(epoch):
         return worker_epoch_records(spec, split, seed, epoch, worker_index, num_workers)
 
-    if cache == "none":
+    if skip_batches and (cache != "none" or not epoch_aligned):
+        raise ValueError("skip_batches needs epoch_aligned batches without a cache")
+    steps = steps_per_epoch(examples, batch_size)
+    # The buffer holds serialized records (~ the stored JPEG), sized in bytes so a
+    # switch to 512 px images does not quietly multiply its memory; at most an epoch.
+    buffer = max(1, min(examples, int(shuffle_buffer_bytes / spec.record_bytes(split))))
+    if cache == "none" and epoch_aligned:
+        def epoch_batches(epoch):
+            return one_epoch(epoch).shuffle(buffer, seed=seed * 1_000_003 + epoch).batch(
+                batch_size)
+
+        batches = (tf.data.Dataset.counter(start_epoch).flat_map(epoch_batches)
+                   .skip(skip_batches)  # still serialized: skipped batches are never decoded
+                   .map(parse, num_parallel_calls=AUTOTUNE, deterministic=deterministic))
+    elif cache == "none":
         records_ = tf.data.Dataset.counter(start_epoch).flat_map(one_epoch)
-        # The buffer holds serialized records (~ the stored JPEG), sized in bytes so a
-        # switch to 512 px images does not quietly multiply its memory; at most an epoch.
-        buffer = max(1, min(examples, int(shuffle_buffer_bytes / spec.record_bytes(split))))
         batches = (
             records_.shuffle(buffer, seed=seed * 1_000_003 + start_epoch)
             # Fixed batch shapes: XLA compiles once, replicas get equal shares.
@@ -270,6 +301,10 @@ def train_dataset(
         buffer = max(1, min(examples, shuffle_buffer_bytes // (spec.height * spec.width * 3)))
         batches = (decoded.repeat().shuffle(buffer, seed=seed * 1_000_003 + start_epoch)
                    .batch(batch_size, drop_remainder=True))
+    if augment is not None:
+        batches = batches.enumerate(start_epoch * steps + skip_batches).map(
+            lambda number, batch: augment(*batch, number), num_parallel_calls=AUTOTUNE,
+            deterministic=deterministic)
     # Each worker already reads only its own records: tf.distribute must not split again.
     return batches.prefetch(AUTOTUNE).with_options(_options(deterministic, False))
 

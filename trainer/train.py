@@ -60,9 +60,8 @@ def load_data(config: TrainConfig) -> tuple[input_lib.DataSpec, checkpoints.Trai
     model = f"{config.model} (pretrained)" if config.pretrained else config.model
     weights = None
     if config.class_weight == "balanced":
-        counts = manifest["splits"]["train"].get("class_counts", {})
-        weights = balanced_class_weights([int(counts.get(label, 0))
-                                          for label in manifest["labels"]])
+        counts = manifest.splits["train"].class_counts
+        weights = balanced_class_weights([counts.get(label, 0) for label in manifest.labels])
     return (input_lib.DataSpec.from_manifest(config.data, manifest),
             checkpoints.TrainedOn.of(config.data, manifest, model), weights)
 

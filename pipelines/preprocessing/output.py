@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.contract import ownership
+from pipelines.contract import ownership, tfds_metadata
 from pipelines.contract.jsonio import write_json_atomically
 from pipelines.contract.manifest import (
     ERRORS_PATH,
@@ -23,6 +23,11 @@ from pipelines.contract.manifest import (
     INDEX_PATH,
     MANIFEST,
     OUTPUT_ENTRIES,
+    Accounting,
+    ImageSpec,
+    Manifest,
+    ShardEntry,
+    SplitEntry,
     join,
 )
 from pipelines.preprocessing.options import PreprocessConfig
@@ -66,75 +71,62 @@ def build_manifest(
     duplicates: int,
     label_conflicts: int,
     extra: dict | None = None,
-) -> dict:
-    """The manifest as a dict; checks that every input file is accounted for."""
-    split_names = [name for name, _ in config.splits]
-    split_entries = {}
-    for name in split_names:
-        members = sorted((s for s in shards if s.split == name), key=lambda s: s.index)
-        class_counts: Counter[str] = Counter({label: 0 for label in labels})
-        for shard in members:
-            class_counts.update(shard.class_counts)
-        split_entries[name] = {
-            "num_examples": sum(s.num_examples for s in members),
-            "class_counts": dict(class_counts),
-            "shards": [
-                {"path": s.path, "num_examples": s.num_examples, "num_bytes": s.num_bytes}
-                for s in members
-            ],
-        }
-    written = sum(entry["num_examples"] for entry in split_entries.values())
-    accounting = {
-        "files_seen": listing.files_seen,
-        "images_written": written,
-        "duplicates": duplicates,
-        "label_conflicts": label_conflicts,
-        "errors": len(errors),
-        "skipped": len(listing.skipped),
-        "hidden_ignored": listing.hidden,
-        # Of images_written: bytes taken from the --reuse_from output instead of decoded.
-        "reused": sum(getattr(s, "num_reused", 0) for s in shards),
-        # Of the reuse candidates: earlier bytes that failed sha256/length, decoded again.
-        "reuse_mismatches": sum(getattr(s, "num_reuse_mismatch", 0) for s in shards),
-    }
+) -> Manifest:
+    """The manifest of this run; checks that every input file is accounted for. `extra`:
+    the statistics phase's fields (paths of what it wrote, its timings)."""
+    splits = {name: _split_entry(name, labels, shards) for name, _ in config.splits}
+    written = sum(entry.num_examples for entry in splits.values())
+    accounting = Accounting(
+        files_seen=listing.files_seen,
+        images_written=written,
+        duplicates=duplicates,
+        label_conflicts=label_conflicts,
+        errors=len(errors),
+        skipped=len(listing.skipped),
+        hidden_ignored=listing.hidden,
+        reused=sum(getattr(s, "num_reused", 0) for s in shards),
+        reuse_mismatches=sum(getattr(s, "num_reuse_mismatch", 0) for s in shards),
+    )
     accounted = written + duplicates + len(errors) + len(listing.skipped)
     if accounted != listing.files_seen:
         raise RuntimeError(f"accounting mismatch: {listing.files_seen} files seen, "
                            f"{accounted} accounted for ({accounting})")
     image = config.image
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "input": config.input or config.labels_csv,
-        "config": config.to_json(),
-        "image": {
-            "height": image.height,
-            "width": image.width,
-            "channels": 3,
-            "format": image.image_format.value,
-            "resize": image.resize.value,
-        },
-        "labels": list(labels),
-        "splits": split_entries,
-        "accounting": accounting,
-        "skipped": [{"uri": s.uri, "reason": s.reason} for s in listing.skipped],
-        "errors_path": ERRORS_PATH,
-        "index_path": INDEX_PATH,
-        "entries": list(OUTPUT_ENTRIES),
-    }
-    manifest.update(extra or {})
-    return manifest
+    return Manifest(
+        input=config.input or config.labels_csv,
+        config=config.to_json(),
+        image=ImageSpec(height=image.height, width=image.width, channels=3,
+                        format=image.image_format.value, resize=image.resize.value),
+        labels=tuple(labels),
+        splits=splits,
+        accounting=accounting,
+        skipped=tuple({"uri": s.uri, "reason": s.reason} for s in listing.skipped),
+        **(extra or {}),
+    )
+
+
+def _split_entry(name: str, labels: Sequence[str], shards: Sequence) -> SplitEntry:
+    members = sorted((s for s in shards if s.split == name), key=lambda s: s.index)
+    class_counts: Counter[str] = Counter({label: 0 for label in labels})
+    for shard in members:
+        class_counts.update(shard.class_counts)
+    return SplitEntry(
+        num_examples=sum(s.num_examples for s in members),
+        class_counts=dict(class_counts),
+        shards=tuple(ShardEntry(path=s.path, num_examples=s.num_examples,
+                                num_bytes=s.num_bytes) for s in members),
+    )
 
 
 class TooManyErrors(RuntimeError):
     """The run's dead letters are over --max_error_rate, or it wrote no image."""
 
 
-def error_budget_problem(accounting: dict, max_error_rate: float) -> str | None:
+def error_budget_problem(accounting: Accounting, max_error_rate: float) -> str | None:
     """Why a run with this accounting failed, or None. Skipped files (not image names)
     do not count: the rate is dead letters over image files."""
-    images = accounting["files_seen"] - accounting["skipped"]
-    errors = accounting["errors"]
-    if accounting["images_written"] == 0:
+    images, errors = accounting.image_files, accounting.errors
+    if accounting.images_written == 0:
         return f"no image was written ({errors} of {images} image files are dead letters)"
     if errors > max_error_rate * images:
         return (f"{errors} of {images} image files ({errors / images:.1%}) are dead letters, "
@@ -158,7 +150,7 @@ def describe_failure(root: str, problem: str, top: int = 5) -> str:
 
 
 def write_outputs(
-    config: PreprocessConfig, manifest: dict, errors: Sequence, shards: Sequence = ()
+    config: PreprocessConfig, manifest: Manifest, errors: Sequence, shards: Sequence = ()
 ) -> None:
     """Writes the dead letters and the image index, then the manifest (last), while the
     output's claim is still this run's. Raises TooManyErrors instead of writing the
@@ -170,13 +162,14 @@ def write_outputs(
     _write_text(join(root, INDEX_PATH),
                 "".join(shard.index_lines for shard in sorted(shards, key=lambda s: s.path)))
     remove_tree(join(root, "_tmp"))
-    problem = error_budget_problem(manifest["accounting"], config.max_error_rate)
+    problem = error_budget_problem(manifest.accounting, config.max_error_rate)
     if problem:
         raise TooManyErrors(describe_failure(root, problem))
+    tfds_metadata.write_metadata(root, manifest)  # tfds.builder_from_directory reads it
     if config.run_id:
         ownership.check_still_ours(root, config.run_id)
     # A fixed temporary name, one of OUTPUT_ENTRIES: a kill leaves nothing unlisted.
-    write_json_atomically(join(root, MANIFEST), manifest,
+    write_json_atomically(join(root, MANIFEST), manifest.to_json(),
                           temporary=join(root, MANIFEST + ".tmp"))
     # The claim goes after the manifest: a leftover claim beside a manifest is harmless.
     remove_tree(join(root, IN_PROGRESS))

@@ -173,7 +173,7 @@ def check_reuse(config: PreprocessConfig) -> PreprocessConfig:
         earlier = manifest_lib.read_manifest(config.reuse_from)
     except FileNotFoundError as err:
         raise UsageError(f"--reuse_from: {err}") from err
-    if earlier["config"]["image"] != config.to_json()["image"] or "index_path" not in earlier:
+    if earlier.config["image"] != config.to_json()["image"]:
         print(f"[preprocess] {config.reuse_from} stored images with another config; "
               "decoding everything", file=sys.stderr)
         return dataclasses.replace(config, reuse_from=None)

@@ -15,6 +15,8 @@ import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 
+from pipelines.contract.manifest import Manifest
+
 METRICS = {"accuracy": "higher", "loss": "lower"}  # what the gate may compare, and which way
 DRIFT_BLOCKING = {"error": ("error",), "warning": ("error", "warning"), "none": ()}
 _BATCH = 64  # images per call of the serving signature
@@ -87,7 +89,7 @@ def decide(
                             f"{candidate['num_examples']} test images")
 
 
-def split_examples(data_root: str, manifest: dict, split: str = "test") -> Iterator[
+def split_examples(data_root: str, manifest: Manifest, split: str = "test") -> Iterator[
         tuple[list[bytes], list[str]]]:
     """Batches of (encoded image files, true label) from a preprocess output's split.
 
@@ -98,10 +100,9 @@ def split_examples(data_root: str, manifest: dict, split: str = "test") -> Itera
 
     from pipelines.contract import records
 
-    labels = manifest["labels"]
-    height, width = manifest["image"]["height"], manifest["image"]["width"]
-    paths = [f"{data_root.rstrip('/')}/{shard['path']}"
-             for shard in manifest["splits"].get(split, {}).get("shards", [])]
+    labels = list(manifest.labels)
+    height, width = manifest.image.size
+    paths = [f"{data_root.rstrip('/')}/{path}" for path in manifest.shard_paths(split)]
     if not paths:
         return
     spec = {key: records.FEATURE_SPEC[key] for key in (records.ENCODED, records.FORMAT,

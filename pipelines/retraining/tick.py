@@ -296,32 +296,33 @@ def preprocess_step(config: RetrainConfig, data: str, previous: str | None) -> d
     if previous:
         command += ["--reuse_from", previous]
         earlier = manifest_lib.read_manifest(previous)
-        if earlier.get("statistics"):
-            command += ["--baseline_stats", manifest_lib.join(previous, earlier["statistics"])]
+        if earlier.statistics:
+            command += ["--baseline_stats", manifest_lib.join(previous, earlier.statistics)]
     run_step(command, "preprocess")
     return manifest_lib.read_manifest(data)
 
 
-def drift_summary(data: str, manifest: dict, rule: gate_lib.GateRule) -> dict:
+def drift_summary(data: str, manifest: manifest_lib.Manifest,
+                  rule: gate_lib.GateRule) -> dict:
     """This run's drift against the previous output's statistics, and what blocks."""
-    if not manifest.get("anomalies"):
+    if not manifest.anomalies:
         return {"baseline": None, "anomalies": [], "blocking": [], "metrics": {},
                 "note": "the preprocess output has no anomalies file"}
-    found = read_json(manifest_lib.join(data, manifest["anomalies"]))
+    found = read_json(manifest_lib.join(data, manifest.anomalies))
     anomalies = found.get("anomalies", [])
     return {"baseline": found.get("baseline"), "anomalies": anomalies,
             "blocking": gate_lib.blocking_anomalies(anomalies, rule),
             "metrics": found.get("metrics", {})}
 
 
-def warm_start_from(config: RetrainConfig, current: dict | None, manifest: dict
-                    ) -> tuple[str | None, str]:
+def warm_start_from(config: RetrainConfig, current: dict | None,
+                    manifest: manifest_lib.Manifest) -> tuple[str | None, str]:
     """(checkpoint folder to start from or None, why): only a model with the same labels,
     architecture and image size can lend its weights."""
     if current is None:
         return None, "no current model: from scratch"
-    image = [manifest["image"]["height"], manifest["image"]["width"]]
-    if current.get("labels") != manifest["labels"]:
+    image = list(manifest.image.size)
+    if current.get("labels") != list(manifest.labels):
         return None, f"label set changed since run {current['run_id']}: from scratch"
     if current.get("model") != config.model:
         return None, f"model {config.model} differs from the current {current.get('model')}"
@@ -372,8 +373,8 @@ def train_on_vertex(config: vertex_lib.VertexConfig, trainer_args: Sequence[str]
         raise StepFailed(f"Vertex AI job {created.name} ended {state.name}")
 
 
-def gate_step(data: str, manifest: dict, metrics: dict, current: dict | None) -> tuple[
-        dict, dict | None]:
+def gate_step(data: str, manifest: manifest_lib.Manifest, metrics: dict,
+              current: dict | None) -> tuple[dict, dict | None]:
     """(candidate, current) evaluated on this run's test split; current None if none."""
     def batches():
         return gate_lib.split_examples(data, manifest, "test")
@@ -388,7 +389,8 @@ class BaselineChanged(RuntimeError):
     """current.json no longer names the model the candidate was gated against."""
 
 
-def promotion_pointer(root: str, run_id: str, model_dir: str, metrics: dict, manifest: dict,
+def promotion_pointer(root: str, run_id: str, model_dir: str, metrics: dict,
+                      manifest: manifest_lib.Manifest,
                       evaluation: dict, previous: dict | None) -> dict:
     """What current.json says once this run's model (complete: metrics.json) serves."""
     return {
@@ -400,7 +402,7 @@ def promotion_pointer(root: str, run_id: str, model_dir: str, metrics: dict, man
         "data": manifest_lib.join(run_dir(root, run_id), DATA),
         "labels": metrics["labels"],
         "model": metrics.get("model"),
-        "image": [manifest["image"]["height"], manifest["image"]["width"]],
+        "image": list(manifest.image.size),
         "metrics": {"gate_test": evaluation, "validation": metrics.get("validation"),
                     "test": metrics.get("test")},
         "promoted_at": _utc(time.time()),
@@ -500,18 +502,18 @@ def _tick(config: RetrainConfig, run_id: str, claim: ownership.OutputClaim) -> d
     data = manifest_lib.join(folder, DATA)
     manifest = preprocess_step(config, data, previous)
     timings["preprocess_s"] = round(time.time() - started - sum(timings.values()), 2)
-    accounting = manifest["accounting"]
-    reused = accounting.get("reused", 0)
+    accounting = manifest.accounting
+    reused = accounting.reused
     drift = {"baseline_run": previous_runs[-1] if previous_runs else None,
              **drift_summary(data, manifest, config.rule)}
     record.update(
         reused_from_run=previous_runs[-1] if previous_runs else None,
-        images_written=accounting["images_written"],
-        decoded=accounting["images_written"] - reused,
+        images_written=accounting.images_written,
+        decoded=accounting.images_written - reused,
         reused=reused,
-        accounting=accounting,
-        splits={name: split["num_examples"] for name, split in manifest["splits"].items()},
-        labels=manifest["labels"],
+        accounting=dataclasses.asdict(accounting),
+        splits={name: split.num_examples for name, split in manifest.splits.items()},
+        labels=list(manifest.labels),
         drift=drift,
     )
     _log(f"data: {record['decoded']} decoded, {reused} reused "

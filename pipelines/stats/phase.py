@@ -134,8 +134,8 @@ def add_statistics(
         manifest = output_lib.build_manifest(config, listing_counts, labels, shard_infos, errors,
                                                duplicate_count, conflict_count, extra=entries)
         thumbnails = report.read_thumbnails(
-            output, report.shards_in_reading_order(manifest), manifest["labels"],
-            per_class=report.thumbnails_per_class(len(manifest["labels"])))
+            output, report.shards_in_reading_order(manifest), manifest.labels,
+            per_class=report.thumbnails_per_class(len(manifest.labels)))
         timings = {
             "started_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
             "statistics_written_s": round(written["statistics_written_s"], 2),

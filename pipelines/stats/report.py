@@ -28,6 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
 from pipelines.contract import records
+from pipelines.contract.manifest import Manifest
 from pipelines.stats import feature_stats as stats_lib
 
 REPORT_PATH = "stats/report.html"  # relative to the output root
@@ -287,7 +288,7 @@ def _clip(text: str, length: int) -> str:
 
 def render_report(
     *,
-    manifest: Mapping,
+    manifest: Manifest,
     statistics,
     anomalies: Mapping,
     thumbnails: Mapping[str, Sequence[Thumbnail]],
@@ -299,7 +300,7 @@ def render_report(
     """The whole page as one HTML string.
 
     Args:
-      manifest: the run's manifest dict (as manifest.json will hold it).
+      manifest: the run's manifest (as manifest.json will hold it).
       statistics: the run's DatasetFeatureStatisticsList.
       anomalies: what anomalies.json holds (`baseline` uri or None, `anomalies`, ...).
       thumbnails: {label: [Thumbnail]} from `read_thumbnails`.
@@ -309,7 +310,7 @@ def render_report(
       timings: {name: seconds or text}.
       output: the output root, for the header.
     """
-    splits = list(manifest["splits"])
+    splits = list(manifest.splits)
     colours = {name: SPLIT_COLOURS[i % len(SPLIT_COLOURS)] for i, name in enumerate(splits)}
     body = [
         _summary(manifest, statistics, anomalies),
@@ -327,9 +328,9 @@ def render_report(
     return (
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-        f"<title>Preprocessing report: {_e(manifest.get('input') or '')}</title>"
+        f"<title>Preprocessing report: {_e(manifest.input or '')}</title>"
         f"<style>{_CSS}</style></head><body>"
-        f"<header><h1>Preprocessing report</h1><p class=\"muted\">{_e(manifest.get('input'))}"
+        f"<header><h1>Preprocessing report</h1><p class=\"muted\">{_e(manifest.input)}"
         f" &rarr; {_e(output)}</p><nav>{nav}</nav></header><main>"
         + "".join(body)
         + "</main></body></html>\n"
@@ -353,23 +354,23 @@ def _table(header: Sequence[str], rows: Iterable[Sequence], numeric: Sequence[in
 
 
 def _summary(manifest, statistics, anomalies) -> str:
-    accounting = manifest["accounting"]
+    accounting = manifest.accounting
     found = anomalies.get("anomalies", [])
     cards = [
-        ("images written", accounting["images_written"], ""),
-        ("files seen", accounting["files_seen"], ""),
-        ("labels", len(manifest["labels"]), ""),
-        ("dead letters", accounting["errors"], "bad" if accounting["errors"] else ""),
-        ("duplicates", accounting["duplicates"], ""),
-        ("label conflicts", accounting["label_conflicts"],
-         "bad" if accounting["label_conflicts"] else ""),
+        ("images written", accounting.images_written, ""),
+        ("files seen", accounting.files_seen, ""),
+        ("labels", len(manifest.labels), ""),
+        ("dead letters", accounting.errors, "bad" if accounting.errors else ""),
+        ("duplicates", accounting.duplicates, ""),
+        ("label conflicts", accounting.label_conflicts,
+         "bad" if accounting.label_conflicts else ""),
         ("drift anomalies", len(found) if anomalies.get("baseline") else "no baseline",
          "bad" if found else ""),
     ]
     card_html = "".join(f'<div class="card {cls}"><div class="big">{_e(value)}</div>'
                         f'<div class="muted">{_e(name)}</div></div>'
                         for name, value, cls in cards)
-    image = manifest["image"]
+    image = manifest.image
     rows = []
     for name, dataset in stats_lib.split_datasets(statistics).items():
         encoded = stats_lib.find_feature(dataset, stats_lib.ENCODED)
@@ -379,25 +380,24 @@ def _summary(manifest, statistics, anomalies) -> str:
                      for c in stats_lib.CHANNELS]
             stds = [f"{stats_lib.custom_stat(encoded, f'pixel_std/{c}'):.2f}"
                     for c in stats_lib.CHANNELS]
-        entry = manifest["splits"].get(name, {})
-        rows.append((name, dataset.num_examples, len(entry.get("shards", [])),
+        rows.append((name, dataset.num_examples, len(manifest.shard_paths(name)),
                      " / ".join(means), " / ".join(stds)))
     return _section("summary", (
         f'<div class="cards">{card_html}</div>'
-        f"<p>Stored as <b>{_e(image['format'])}</b>, {image['height']}&times;{image['width']}"
-        f" pixels, resize <b>{_e(image['resize'])}</b>. Accounting: files seen = written + "
+        f"<p>Stored as <b>{_e(image.format)}</b>, {image.height}&times;{image.width}"
+        f" pixels, resize <b>{_e(image.resize)}</b>. Accounting: files seen = written + "
         "duplicates + dead letters + skipped. Pixel mean/std are per channel (R / G / B) "
         "over the stored 0..255 pixels; the train split's are what "
         "<code>transform_output</code> carries into the model.</p>"
         + _table(["split", "examples", "shards", "pixel mean R / G / B",
                   "pixel std R / G / B"], rows, numeric=(1, 2))
-        + f'<p class="muted">accounting: {_e(json.dumps(accounting))}</p>'
+        + f'<p class="muted">accounting: {_e(json.dumps(dataclasses.asdict(accounting)))}</p>'
     ))
 
 
 def _classes(manifest, colours) -> str:
-    labels = list(manifest["labels"])
-    counts = {split: entry["class_counts"] for split, entry in manifest["splits"].items()}
+    labels = list(manifest.labels)
+    counts = {split: entry.class_counts for split, entry in manifest.splits.items()}
     totals = Counter({label: sum(c.get(label, 0) for c in counts.values()) for label in labels})
     shown = [label for label, _ in totals.most_common(MAX_CLASSES_CHARTED)]
     note = ""
@@ -458,13 +458,13 @@ def _formats(statistics, splits, colours) -> str:
 
 def _shards(manifest, colours) -> str:
     items, rows = [], []
-    for split, entry in manifest["splits"].items():
-        for shard in entry["shards"]:
-            items.append((shard["path"], shard["num_bytes"] / 1e6, colours[split]))
-            rows.append((shard["path"], split, shard["num_examples"],
-                         f"{shard['num_bytes'] / 1e6:.2f}"))
+    for split, entry in manifest.splits.items():
+        for shard in entry.shards:
+            items.append((shard.path, shard.num_bytes / 1e6, colours[split]))
+            rows.append((shard.path, split, shard.num_examples,
+                         f"{shard.num_bytes / 1e6:.2f}"))
     legend = " ".join(f'<span class="swatch" style="background:{colours[s]}"></span>{_e(s)}'
-                      for s in manifest["splits"])
+                      for s in manifest.splits)
     table = _table(["shard", "split", "examples", "MB"], rows[:MAX_TABLE_ROWS], numeric=(2, 3))
     return _section("shards", (
         f"<p>{len(rows)} shard(s). {legend}</p>"
@@ -475,7 +475,7 @@ def _shards(manifest, colours) -> str:
 
 def _thumbnails(manifest, thumbnails, colours) -> str:
     rows = []
-    for label in manifest["labels"]:
+    for label in manifest.labels:
         found = thumbnails.get(label, [])
         cells = "".join(
             f'<img src="{t.data_uri}" alt="{_e(label)}" title="{_e(t.split)}: {_e(t.source)}" '
@@ -502,23 +502,23 @@ def _dead_letters(manifest, errors) -> str:
     rows = [(e["uri"], e["reason"], e["stage"], _clip(e.get("detail", ""), 160))
             for e in ordered[:MAX_TABLE_ROWS]]
     more = (f'<p class="muted">first {MAX_TABLE_ROWS} of {len(errors)}; all are in '
-            f"{_e(manifest['errors_path'])}</p>" if len(errors) > MAX_TABLE_ROWS else "")
+            f"{_e(manifest.errors_path)}</p>" if len(errors) > MAX_TABLE_ROWS else "")
     return _section("dead-letters", (
         f"<p>{len(errors)} file(s) could not become records "
-        f"(<code>{_e(manifest['errors_path'])}</code>).</p>"
+        f"(<code>{_e(manifest.errors_path)}</code>).</p>"
         f'<div class="chart">{chart}</div>'
         + _table(["uri", "reason", "stage", "detail"], rows) + more
     ))
 
 
 def _duplicates(manifest, duplicates) -> str:
-    accounting = manifest["accounting"]
+    accounting = manifest.accounting
     if not duplicates:
         return _section("duplicates", "<p>No duplicate contents.</p>")
     conflicts = [d for d in duplicates if d["label_conflict"]]
     plain = [d for d in duplicates if not d["label_conflict"]]
-    parts = [f"<p>{accounting['duplicates']} duplicate file(s) merged into the record of "
-             f"their content; {accounting['label_conflicts']} content(s) carry conflicting "
+    parts = [f"<p>{accounting.duplicates} duplicate file(s) merged into the record of "
+             f"their content; {accounting.label_conflicts} content(s) carry conflicting "
              "labels (identical bytes in different class folders: the record keeps every "
              "label).</p>"]
     if conflicts:
@@ -565,7 +565,7 @@ def _config(manifest, timings) -> str:
     rows = [(name, f"{value:.2f}" if isinstance(value, float) else value)
             for name, value in timings.items()]
     return _section("config", (
-        f"<pre>{_e(json.dumps(manifest['config'], indent=2))}</pre>"
+        f"<pre>{_e(json.dumps(manifest.config, indent=2))}</pre>"
         "<h3>Timings</h3>" + _table(["", "value"], rows, numeric=(1,))
         + '<p class="muted">Seconds since the pipeline was built. Beam runs steps '
         "concurrently, so milestones overlap; the statistics' share of wall time is "
@@ -622,13 +622,12 @@ def write_report(path: str, page: str) -> None:
         handle.write(page.encode("utf-8"))
 
 
-def shards_in_reading_order(manifest: Mapping) -> list[tuple[str, str]]:
+def shards_in_reading_order(manifest: Manifest) -> list[tuple[str, str]]:
     """(split, relative path) of every shard: the first shard of each split, then the
     second of each, ...: thumbnails come from every split early."""
     per_split = defaultdict(list)
-    for split, entry in manifest["splits"].items():
-        for shard in entry["shards"]:
-            per_split[split].append(shard["path"])
+    for split in manifest.splits:
+        per_split[split].extend(manifest.shard_paths(split))
     order = []
     for index in range(max((len(v) for v in per_split.values()), default=0)):
         for split, paths in per_split.items():

@@ -71,8 +71,8 @@ def child(mode: str, input_dir: str, output: str) -> None:
         pipeline.run().wait_until_finish()
         elapsed = time.monotonic() - started
     manifest = manifest_lib.read_manifest(output)
-    print(json.dumps({"pipeline_s": elapsed, "images": manifest["accounting"]["images_written"],
-                      "has_statistics": "statistics" in manifest}), flush=True)
+    print(json.dumps({"pipeline_s": elapsed, "images": manifest.accounting.images_written,
+                      "has_statistics": manifest.statistics is not None}), flush=True)
 
 
 def measure(mode: str, root: Path) -> dict:

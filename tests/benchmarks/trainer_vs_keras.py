@@ -28,7 +28,6 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse
-import json
 import resource
 import time
 from collections import defaultdict
@@ -37,6 +36,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipelines.contract.manifest import read_manifest
 from tests.benchmarks.trainer_data import prepared
 from trainer import input as input_lib
 from trainer.config import DEFAULT_STEPS_PER_EXECUTION
@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     raw, jpeg_prep = prepared(args.images, SIZE)
     outputs = {"jpeg": jpeg_prep, "png": prepared(args.images, SIZE, "png")[1],
                "raw": prepared(args.images, SIZE, "raw")[1]}
-    specs = {name: input_lib.DataSpec.from_manifest(str(p), json.loads(
-        (p / "manifest.json").read_text())) for name, p in outputs.items()}
+    specs = {name: input_lib.DataSpec.from_manifest(str(p), read_manifest(str(p)))
+             for name, p in outputs.items()}
     images = specs["jpeg"].num_examples("train")
     steps = input_lib.steps_per_epoch(images, BATCH)
     for path in raw.rglob("*.jpg"):  # every side starts from the page cache
