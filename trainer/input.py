@@ -70,6 +70,7 @@ class DataSpec:
     labels: tuple[str, ...]  # index = label id
     splits: dict[str, tuple[Shard, ...]]
     transform_output: str | None  # absolute, or None when the manifest names none
+    jpeg_quality: int = 90  # of stored JPEGs: the serving graph repeats the encoding
 
     @classmethod
     def from_manifest(cls, root: str, manifest: Manifest) -> DataSpec:
@@ -85,6 +86,7 @@ class DataSpec:
             image_format=image.format,
             resize=image.resize,
             max_pixels=int(manifest.config.get("image", {}).get("max_pixels", 100_000_000)),
+            jpeg_quality=int(manifest.config.get("image", {}).get("jpeg_quality", 90)),
             labels=manifest.labels,
             splits={
                 name: tuple(Shard(join(s.path), s.num_examples, s.num_bytes)

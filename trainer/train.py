@@ -422,7 +422,7 @@ def _export(model: keras.Model, spec: input_lib.DataSpec, config: TrainConfig,
         elif tf.io.gfile.exists(entry):
             tf.io.gfile.remove(entry)
     serving.export(model, path, spec.labels, spec.height, spec.width, spec.resize,
-                   spec.max_pixels)
+                   spec.max_pixels, spec.image_format, spec.jpeg_quality)
     if not runtime.is_chief:
         tf.io.gfile.rmtree(temporary)
 
