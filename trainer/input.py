@@ -41,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipelines.contract import records
+from pipelines.contract.imaging import DEFAULT_JPEG_QUALITY
 from pipelines.contract.manifest import Manifest
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -70,7 +71,7 @@ class DataSpec:
     labels: tuple[str, ...]  # index = label id
     splits: dict[str, tuple[Shard, ...]]
     transform_output: str | None  # absolute, or None when the manifest names none
-    jpeg_quality: int = 90  # of stored JPEGs: the serving graph repeats the encoding
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY  # stored JPEGs'; serving repeats the encoding
 
     @classmethod
     def from_manifest(cls, root: str, manifest: Manifest) -> DataSpec:
@@ -86,7 +87,8 @@ class DataSpec:
             image_format=image.format,
             resize=image.resize,
             max_pixels=int(manifest.config.get("image", {}).get("max_pixels", 100_000_000)),
-            jpeg_quality=int(manifest.config.get("image", {}).get("jpeg_quality", 90)),
+            jpeg_quality=int(manifest.config.get("image", {}).get("jpeg_quality",
+                                                                   DEFAULT_JPEG_QUALITY)),
             labels=manifest.labels,
             splits={
                 name: tuple(Shard(join(s.path), s.num_examples, s.num_bytes)

@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 
 from pipelines.contract import imaging_tf
-from pipelines.contract.imaging import ResizeMode
+from pipelines.contract.imaging import DEFAULT_JPEG_QUALITY, ResizeMode
 
 SIGNATURE = "serving_default"
 INPUT = "image_bytes"
@@ -27,7 +27,7 @@ INPUT = "image_bytes"
 
 def serving_fn(model: keras.Model, labels: tuple[str, ...], height: int, width: int,
                resize: str, max_pixels: int, stored_as: str | None = None,
-               jpeg_quality: int = 90):
+               jpeg_quality: int = DEFAULT_JPEG_QUALITY):
     """The serving function (not yet traced) over a batch of encoded images.
 
     stored_as / jpeg_quality: the shards' image format, so the model is served the
@@ -52,7 +52,7 @@ def serving_fn(model: keras.Model, labels: tuple[str, ...], height: int, width: 
 
 def export(model: keras.Model, path: str, labels: tuple[str, ...], height: int, width: int,
            resize: str = "squash", max_pixels: int = 100_000_000, stored_as: str | None = None,
-           jpeg_quality: int = 90) -> None:
+           jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> None:
     """Writes the SavedModel with the `serving_default` signature to `path`."""
     archive = keras.export.ExportArchive()
     archive.track(model)
