@@ -16,7 +16,7 @@ from pipelines.cloud import access
 from pipelines.contract import ownership
 from pipelines.contract.errors import UsageError
 from pipelines.prediction import model as model_lib
-from pipelines.prediction import output
+from pipelines.prediction import output, summary
 from pipelines.prediction.options import PredictConfig, parse_args
 from pipelines.prediction.pipeline import build_pipeline
 from pipelines.preprocessing.sources import (
@@ -28,9 +28,10 @@ from pipelines.preprocessing.sources import (
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code: 0 done, 1 the run failed (its
-    claim taken over, or a pipeline error), 2 refused before anything was touched
-    (usage, model or input missing, output overlapping an input, not ours or in use)."""
+    """Command-line entry point; returns the exit code: 0 done, 1 the run failed (dead
+    letters over --max_error_rate, its claim taken over, or a pipeline error), 2 refused
+    before anything was touched (usage, model or input missing, output overlapping an
+    input, not ours or in use)."""
     logging.getLogger().setLevel(logging.WARNING)
     try:
         config, options = parse_args(sys.argv[1:] if argv is None else argv)
@@ -52,10 +53,15 @@ def run(argv: Sequence[str] | None = None) -> int:
     try:
         return _run_claimed(config, options, listing, saved_model, labels)
     except Exception as err:
-        if ownership.ClaimLost.__name__ not in f"{type(err).__name__}: {err}":
-            raise
-        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 1
+        # Beam re-raises a step's error wrapped, its text carrying the original's name.
+        text = f"{type(err).__name__}: {err}"
+        for ours in (ownership.ClaimLost, summary.TooManyErrors):
+            if f"{ours.__name__}: " in text:
+                message = text.rsplit(f"{ours.__name__}: ", 1)[1]
+                print(f"error: {message.split(' [while running', 1)[0].splitlines()[0]}",
+                      file=sys.stderr)
+                return 1
+        raise
     finally:
         claim.release()
 
@@ -84,13 +90,13 @@ def _run_claimed(config: PredictConfig, options: PipelineOptions, listing: Listi
     if options.view_as(StandardOptions).runner not in ("DirectRunner", "direct"):
         return 0  # the summary is in the bucket; nothing more to say from here
     with output.open_summary(config.output) as handle:
-        summary = json.load(handle)
+        document = json.load(handle)
     elapsed = time.monotonic() - started
-    accounting = summary["accounting"]
+    accounting = document["accounting"]
     print(f"[predict] done in {elapsed:.1f}s "
           f"({accounting['predicted'] / max(elapsed, 1e-9):.0f} images/s); accounting: "
           f"{json.dumps(accounting)}", file=sys.stderr)
-    evaluation = summary.get("evaluation") or {}
+    evaluation = document.get("evaluation") or {}
     if evaluation.get("accuracy") is not None:
         print(f"[predict] accuracy {evaluation['accuracy']:.4f} on {evaluation['evaluated']} "
               "labelled files", file=sys.stderr)

@@ -14,6 +14,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.contract.errors import UsageError
 from pipelines.preprocessing.options import (
+    DEFAULT_MAX_ERROR_RATE,
     _reject_unknown_beam_flags,
     beam_options,
     refuse_glob_characters,
@@ -34,11 +35,12 @@ class PredictConfig:
     labels_csv: str | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
     overwrite: bool = False
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE  # dead letters / image files, at most
     run_id: str | None = None  # the output claim's id; set by the command
 
     def to_json(self) -> dict:
         return {"model": self.model, "input": self.input, "labels_csv": self.labels_csv,
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, "max_error_rate": self.max_error_rate}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"images per call of the model (default {DEFAULT_BATCH_SIZE})")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a complete earlier prediction output at --output")
+    parser.add_argument("--max_error_rate", type=float, default=DEFAULT_MAX_ERROR_RATE,
+                        help="largest fraction of image files that may become dead letters; "
+                        "above it the run fails and writes no summary.json (default "
+                        f"{DEFAULT_MAX_ERROR_RATE:g}, as preprocess; 0 = any dead letter fails)")
     return parser
 
 
@@ -70,6 +76,8 @@ def parse_args(argv: Sequence[str]) -> tuple[PredictConfig, PipelineOptions]:
         raise UsageError("give either --input (a folder or gs:// prefix) or --labels (a CSV)")
     if known.batch_size < 1:
         raise UsageError("--batch_size must be at least 1")
+    if not 0 <= known.max_error_rate <= 1:
+        raise UsageError("--max_error_rate must be in 0..1")
     config = PredictConfig(
         model=known.model.rstrip("/"),
         output=known.output.rstrip("/"),
@@ -77,5 +85,6 @@ def parse_args(argv: Sequence[str]) -> tuple[PredictConfig, PipelineOptions]:
         labels_csv=known.labels_csv,
         batch_size=known.batch_size,
         overwrite=known.overwrite,
+        max_error_rate=known.max_error_rate,
     )
     return config, beam_options(beam_args)

@@ -70,6 +70,14 @@ def _split(outcome: Prediction | DeadLetter) -> Iterator:
 def _finish(_, config: PredictConfig, listing: ListingCounts, labels: Sequence[str],
             labelled: bool, extra: dict, pairs, errors: int, *written) -> None:
     document = summary.build_summary(pairs, errors, listing, labels, labelled, extra)
+    accounting = document["accounting"]
+    problem = summary.error_budget_problem(accounting["predicted"], accounting["errors"],
+                                           config.max_error_rate)
+    if problem:
+        # No summary.json: the output is not complete, and its claim lets a rerun take it.
+        raise summary.TooManyErrors(f"{problem}; dead letters: "
+                                    f"{join(config.output, output.ERRORS_PATH)}; "
+                                    "no summary.json was written")
     output.finish(config.output, config.run_id, document)
 
 

@@ -20,6 +20,23 @@ class AccountingMismatch(RuntimeError):
     """Some listed file is neither predicted, a dead letter nor skipped."""
 
 
+class TooManyErrors(RuntimeError):
+    """The run's dead letters are over --max_error_rate, or it predicted no image."""
+
+
+def error_budget_problem(predicted: int, errors: int, max_error_rate: float) -> str | None:
+    """Why a run with these counts failed, or None: preprocess's rule
+    (`pipelines.preprocessing.output.error_budget_problem`) with predicted files in the
+    place of written images. Skipped files (not image names) do not count."""
+    images = predicted + errors
+    if predicted == 0:
+        return f"no image was predicted ({errors} of {images} image files are dead letters)"
+    if errors > max_error_rate * images:
+        return (f"{errors} of {images} image files ({errors / images:.1%}) are dead letters, "
+                f"over --max_error_rate {max_error_rate:g}")
+    return None
+
+
 def accounting(listing: ListingCounts, predicted: int, errors: int) -> dict:
     """{files_seen, predicted, errors, skipped, hidden_ignored}; raises AccountingMismatch
     unless files_seen == predicted + errors + skipped."""
