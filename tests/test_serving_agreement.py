@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from pipelines.contract import records
 from pipelines.contract.manifest import read_manifest
 from trainer import agreement, serving
 from trainer import input as input_lib
@@ -23,7 +24,8 @@ def exported(photo_prep, tmp_path_factory):
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     model.fit(input_lib.train_dataset(spec, 16), steps_per_epoch=20, epochs=1, verbose=0)
     path = str(tmp_path_factory.mktemp("served") / "saved_model")
-    serving.export(model, path, spec.labels, spec.height, spec.width, spec.resize)
+    serving.export(model, path, spec.labels, spec.height, spec.width, spec.resize,
+                   stored_as=spec.image_format, jpeg_quality=spec.jpeg_quality)
     serve = tf.saved_model.load(path).signatures[serving.SIGNATURE]
     return spec, model, serve
 
@@ -41,6 +43,47 @@ def test_agreement_compares_every_record_and_recounts(exported):
     truth = np.concatenate([y for _, y in input_lib.eval_dataset(spec, "validation", 16)])
     assert result["accuracy_on_stored"] == pytest.approx(
         float(np.mean(np.argmax(probabilities, -1) == truth)), abs=1e-5)
+    # The served predictions evaluated as the trainer evaluates a split.
+    served = result["served"]
+    assert served["num_examples"] == result["num_examples"]
+    assert served["accuracy"] == result["accuracy_on_originals"]
+    assert sum(map(sum, served["confusion_matrix"])) == result["num_examples"]
+    assert served["loss"] > 0 and set(served["per_class"]) == set(spec.labels)
+
+
+def test_metrics_json_gets_served_metrics_next_to_the_stored_ones(exported):
+    spec, model, serve = exported
+    results = {split: agreement.measure(model, serve, spec, split)
+               for split in ("validation", "test")}
+    summary = agreement.summarize(results)
+    assert set(summary) == {"serving_agreement", "served", "warnings"}
+    for split, result in results.items():
+        assert summary["served"][split] == result["served"]
+        assert "served" not in summary["serving_agreement"][split]
+        assert summary["serving_agreement"][split]["agreement"] == result["agreement"]
+    assert summary["warnings"] == agreement.warnings_for(results)
+
+
+def test_serving_the_stored_format_brings_served_predictions_to_the_stored_ones(exported):
+    # The exported signature ends with the shards' JPEG round trip; without it (what it
+    # served before) the model's outputs on the original files drift further from its
+    # outputs on the stored records.
+    spec, model, serve = exported
+    plain = tf.function(serving.serving_fn(model, spec.labels, spec.height, spec.width,
+                                           spec.resize, spec.max_pixels))
+    dataset = tf.data.TFRecordDataset([s.path for s in spec.splits["test"]]).batch(64)
+    gap = {"stored": [], "plain": []}
+    for batch in dataset:
+        parsed = tf.io.parse_example(batch, agreement._PARSE)
+        sources = tf.sparse.to_dense(parsed[records.SOURCE_ID], default_value=b"").numpy()
+        files = tf.constant([agreement._read(row[0].decode()) for row in sources])
+        images = input_lib.decode_stored(parsed[records.ENCODED], spec.image_format,
+                                         spec.height, spec.width)
+        on_stored = model(images, training=False).numpy()
+        for name, fn in (("stored", serve), ("plain", plain)):
+            gap[name].append(np.abs(fn(image_bytes=files)["probabilities"].numpy()
+                                    - on_stored).mean())
+    assert np.mean(gap["stored"]) < np.mean(gap["plain"]) / 2, gap
 
 
 def test_a_source_that_is_gone_is_counted_not_compared(exported, monkeypatch):
