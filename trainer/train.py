@@ -323,14 +323,15 @@ def run(config: TrainConfig) -> dict:
 
 def _serving_agreement(model: keras.Model, spec: input_lib.DataSpec, config: TrainConfig,
                        has: dict[str, bool]) -> dict:
-    """{"serving_agreement": {split: trainer.agreement.measure(...)}, "warnings": [...]}:
-    the exported signature on the held-out splits' original files against the model on
-    their stored records; a warning line for each split below agreement.THRESHOLD."""
+    """`agreement.summarize` of the held-out splits: the exported signature on their
+    original files against the model on their stored records (serving_agreement), the
+    served predictions' metrics next to the stored ones (served), and a warning line for
+    each split below agreement.THRESHOLD."""
     with quiet.native_stderr(os.environ, "TensorFlow's messages while serving was measured"):
         serve = tf.saved_model.load(config.saved_model_dir).signatures[serving.SIGNATURE]
         result = {split: agreement.measure(model, serve, spec, split, config.batch_size)
                   for split in ("validation", "test") if has[split]}
-    return {"serving_agreement": result, "warnings": agreement.warnings_for(result)}
+    return agreement.summarize(result)
 
 
 def _compile(model: keras.Model, optimizer: keras.optimizers.Optimizer, jit: bool,
