@@ -6,7 +6,10 @@ these same requests."""
 
 from __future__ import annotations
 
+import ast
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -171,3 +174,86 @@ def test_usage_errors_send_nothing(model_in_bucket, tmp_path, capsys):
     assert command.run(["--model", f"{model_in_bucket}/model/saved_model", *base,
                         "--traffic", "-5"]) == 2
     assert "a percentage" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- retrain --deploy_endpoint
+
+RETRAIN = ["--input", "gs://b/raw", "--root", "gs://b/root", "--project", "p", "--region",
+           "europe-west4"]
+
+
+def test_retrain_deploy_flags_are_checked_before_the_tick():
+    from pipelines.contract.errors import UsageError
+    from pipelines.retraining import tick as retrain
+
+    config = retrain.parse_args([*RETRAIN, "--deploy_endpoint", "imagebeam",
+                                 "--deploy_traffic", "10", "--deploy_machine_type",
+                                 "n1-standard-2", "--epochs", "1"])
+    assert (config.deploy.endpoint, config.deploy.traffic) == ("imagebeam", 10)
+    assert (config.deploy.project, config.deploy.region) == ("p", "europe-west4")
+    assert config.deploy.machine_type == "n1-standard-2"
+    assert config.trainer_args == ("--epochs", "1")  # the deploy flags are the tick's own
+    assert retrain.parse_args(RETRAIN).deploy is None
+    for extra, message in [
+            (["--root", "/local/root"], "gs:// --root"),
+            (["--deploy_traffic", "150"], "a percentage"),
+            (["--deploy_accelerator_type", "NVIDIA_TESLA_T4", "--deploy_machine_type",
+              "g2-standard-8"], "carries NVIDIA_L4")]:
+        with pytest.raises(UsageError, match=message):
+            retrain.parse_args([*RETRAIN, "--deploy_endpoint", "e", *extra])
+
+
+def test_a_failed_deployment_is_recorded_not_raised(tmp_path, monkeypatch):
+    """After the swap nothing may undo the promotion: the error goes into retrain.json."""
+    from pipelines.retraining import tick as retrain
+
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-such-key.json"))
+    config = retrain.parse_args([*RETRAIN, "--deploy_endpoint", "imagebeam"]).deploy
+    record = retrain.deploy_step(config, "20261201-120000-000001", "gs://b/root/m/saved_model")
+    assert record["endpoint"] == "imagebeam"
+    assert record["model_id"] == "imagebeam-20261201-120000-000001"
+    assert "DefaultCredentialsError" in record["error"]
+
+
+def _dag_source() -> ast.Module:
+    return ast.parse((REPO / "deploy/airflow/dags/retrain_dag.py").read_text())
+
+
+def test_the_airflow_dag_passes_deploy_endpoint_through(tmp_path):
+    """The DAG's tick script (bash, as both launchers run it) with a stand-in interpreter
+    that prints the words it was given; Airflow itself is not needed for that."""
+    tree = _dag_source()
+    tick = next(node.value.value for node in tree.body if isinstance(node, ast.Assign)
+                and getattr(node.targets[0], "id", None) == "TICK")
+    tick_env = next(node for node in tree.body if isinstance(node, ast.FunctionDef)
+                    and node.name == "tick_env")
+    returned = next(node.value for node in ast.walk(tick_env) if isinstance(node, ast.Return))
+    variables = {key.value: ast.unparse(value)
+                 for key, value in zip(returned.keys, returned.values, strict=True)}
+    assert "imagebeam_deploy_endpoint" in variables["IMAGEBEAM_DEPLOY_ENDPOINT"]
+    echo = tmp_path / "python"
+    echo.write_text("#!/bin/bash\nprintf '%s\\n' \"$@\"\n")
+    echo.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "IMAGEBEAM_PYTHON": str(echo),
+           "IMAGEBEAM_ROOT": "gs://b/root", "IMAGEBEAM_RUNNER": "DirectRunner",
+           "IMAGEBEAM_TRAINER": "local", "IMAGEBEAM_INPUT": "gs://b/raw",
+           "IMAGEBEAM_ARGS": "--deploy_traffic 10", "IMAGEBEAM_EXTRA_ARGS": ""}
+
+    def words(**extra) -> list[str]:
+        result = subprocess.run(["bash", "-c", tick], env={**env, **extra},
+                                capture_output=True, text=True, timeout=30, check=True)
+        return result.stdout.splitlines()
+
+    given = words(IMAGEBEAM_DEPLOY_ENDPOINT="my endpoint")
+    assert given[given.index("--deploy_endpoint") + 1] == "my endpoint"  # one word
+    assert given[-2:] == ["--deploy_traffic", "10"]
+    assert "--deploy_endpoint" not in words(IMAGEBEAM_DEPLOY_ENDPOINT="")
+    # A manual run may not redirect deployments.
+    import importlib.util
+    path = REPO / "deploy/airflow/dags/imagebeam_manual_args.py"
+    spec = importlib.util.spec_from_file_location("imagebeam_manual_args", path)
+    manual = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(manual)
+    for flag in ("--deploy_endpoint", "--deploy_traffic"):
+        with pytest.raises(manual.RefusedArgs, match="is not a flag a manual run may set"):
+            manual.check_extra_args(f"{flag} x")

@@ -54,6 +54,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions
 
 from pipelines import run as run_lib
 from pipelines.cloud import access
+from pipelines.cloud import deploy as deploy_lib
 from pipelines.cloud import dry_run as dry_run_lib
 from pipelines.cloud import vertex as vertex_lib
 from pipelines.contract import manifest as manifest_lib
@@ -97,6 +98,9 @@ class RetrainConfig:
     trainer_warm_start: bool = True  # the trainer has --warm_start
     dry_run: bool = False  # print the plan only (`dry_run`)
     check: bool = False  # with dry_run: the online checks too
+    # --deploy_endpoint: where a promoted model is deployed (artifact_uri and model_id
+    # are each run's); None: promotion only rewrites current.json.
+    deploy: deploy_lib.DeployConfig | None = None
 
 
 # ---------------------------------------------------------------- command line
@@ -128,6 +132,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--check", action="store_true",
                         help="with --dry_run: also make the online checks (credentials, "
                         "endpoints, the input's size, what --root holds)")
+    group = parser.add_argument_group("Vertex AI endpoint (--deploy_endpoint)")
+    group.add_argument("--deploy_endpoint", metavar="NAME|ID",
+                       help="deploy each promoted model to this Vertex AI endpoint (a display "
+                       "name, created if no endpoint has it, or an ID); needs a gs:// "
+                       "--root, --project and --region (or --vertex_region)")
+    deploy_lib.add_arguments(group, prefix="deploy_")  # as `python -m pipelines.deploy`
     return parser
 
 
@@ -168,7 +178,26 @@ def parse_args(argv: Sequence[str]) -> RetrainConfig:
         trainer_warm_start="--warm_start" in run_lib.trainer_flag_arity(),
         dry_run=known.dry_run,
         check=known.check,
+        deploy=(_deploy_config(known, options.view_as(GoogleCloudOptions), root)
+                if known.deploy_endpoint else None),
     )
+
+
+def _deploy_config(known: argparse.Namespace, cloud: GoogleCloudOptions,
+                   root: str) -> deploy_lib.DeployConfig:
+    """Where promoted models go, checked by building the requests now (UsageError);
+    each run fills in its SavedModel and model ID."""
+    if not root.startswith("gs://"):
+        raise UsageError("--deploy_endpoint needs a gs:// --root (Vertex AI reads models "
+                         "from gs:// only)")
+    try:
+        return deploy_lib.config_from_args(
+            known, prefix="deploy_", project=cloud.project,
+            region=known.vertex_region or cloud.region, endpoint=known.deploy_endpoint,
+            artifact_uri=manifest_lib.join(root, f"{RUNS}/_/{MODEL}"),
+            model_id=deploy_lib.model_id_for("_"))
+    except vertex_lib.SpecError as err:
+        raise UsageError(f"--deploy_endpoint: {err}") from err
 
 
 def _vertex_config(known: argparse.Namespace, cloud: GoogleCloudOptions, root: str,
@@ -558,7 +587,26 @@ def _tick(config: RetrainConfig, run_id: str, claim: ownership.OutputClaim) -> d
         record.update(status="rejected", promoted=False,
                       reason="current.json kept changing during the gate; not promoted")
     timings["gate_s"] = round(time.time() - started - sum(timings.values()), 2)
+    if config.deploy is not None:
+        record["deployment"] = (deploy_step(config.deploy, run_id, metrics["saved_model"])
+                                if record["promoted"] else None)
+        timings["deploy_s"] = round(time.time() - started - sum(timings.values()), 2)
     return _finish(record, folder, timings, started)
+
+
+def deploy_step(config: deploy_lib.DeployConfig, run_id: str, saved_model: str) -> dict:
+    """Deploys the promoted model; returns the ids of what it created
+    (`deploy_lib.DeployResult`) or, when it failed, the error. current.json is already
+    swapped then, and stays so: the model is promoted whether or not it is deployed."""
+    config = dataclasses.replace(config, artifact_uri=saved_model,
+                                 model_id=deploy_lib.model_id_for(run_id))
+    _log(f"deploy: {saved_model} -> endpoint {config.endpoint} ({config.traffic}% of its "
+         "traffic)")
+    try:
+        return deploy_lib.deploy(config).to_json()
+    except Exception as err:  # noqa: BLE001 - credentials, API, timeout: all go in the record
+        return {"endpoint": config.endpoint, "model_id": config.model_id,
+                "error": f"{type(err).__name__}: {err}"[:2000]}
 
 
 def _finish(record: dict, folder: str, timings: dict, started: float) -> dict:
@@ -594,7 +642,8 @@ def cloud_use(config: RetrainConfig) -> access.CloudUse:
     _, options = parse_preprocess_args([*config.preprocess_args, "--output",
                                         config.preprocess.output])
     use = dry_run_lib.preprocess_cloud_use(config.preprocess, options, config.root)
-    return dataclasses.replace(use, vertex_region=config.vertex.region if config.vertex else None)
+    vertex = config.vertex or config.deploy  # the training job, the endpoint: one region
+    return dataclasses.replace(use, vertex_region=vertex.region if vertex else None)
 
 
 def dry_run(config: RetrainConfig) -> int:
@@ -635,6 +684,10 @@ def dry_run(config: RetrainConfig) -> int:
               f"{config.rule.block_on_drift}) on this run's test split; if it passes, swap "
               f"{manifest_lib.join(config.root, CURRENT)}",
               f"5. write {manifest_lib.join(run_dir(config.root, run_id), RECORD)}"]
+    if config.deploy is not None:
+        lines += [f"   if promoted, deploy it to Vertex AI endpoint {config.deploy.endpoint} "
+                  f"({config.deploy.traffic}% of its traffic; python -m pipelines.deploy "
+                  "--dry_run shows the requests); the record keeps the model and endpoint ids"]
     lines += dry_run_lib.cost_lines(size, options, config.vertex)
     if not config.check:
         lines += dry_run_lib.run_time_lines(
@@ -653,8 +706,9 @@ def _stop(signum, frame):
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: 0 done (promoted, rejected or nothing new; or the
-    --dry_run plan printed), 1 a step failed, 2 usage error (no Google Cloud credentials
-    or an endpoint unreachable included), 143 stopped by SIGTERM."""
+    --dry_run plan printed), 1 a step failed (or the promoted model's deployment), 2 usage
+    error (no Google Cloud credentials or an endpoint unreachable included), 143 stopped
+    by SIGTERM."""
     try:
         config = parse_args(sys.argv[1:] if argv is None else argv)
         if config.dry_run:
@@ -679,6 +733,13 @@ def run(argv: Sequence[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(summary(record), file=sys.stderr)
+    failed = (record.get("deployment") or {}).get("error")
+    if failed:
+        print(f"error: deploying the promoted model failed ({failed.splitlines()[0]}); "
+              f"current.json names it: python -m pipelines.deploy --model "
+              f"{manifest_lib.join(config.root, CURRENT)} --endpoint "
+              f"{config.deploy.endpoint} ... deploys it", file=sys.stderr)
+        return 1
     return 0
 
 

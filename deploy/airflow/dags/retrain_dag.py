@@ -18,6 +18,10 @@ Variables (Airflow Variables; an AIRFLOW_VAR_<NAME> environment variable wins):
     imagebeam_root       --root: folder or gs:// prefix holding current.json and runs/
     imagebeam_runner     DirectRunner (default) | DataflowRunner
     imagebeam_trainer    local (default) | vertex
+    imagebeam_deploy_endpoint  --deploy_endpoint: a Vertex AI endpoint (display name or
+                         ID) that each promoted model is deployed to; empty (default):
+                         no deployment. --deploy_traffic and the machine flags go in
+                         imagebeam_args
     imagebeam_args       any other tick flags (preprocess, Beam, trainer, gate), e.g. on
                          Composer "--project P --region R --temp_location gs://B/tmp
                          --sdk_container_image IMAGE --trainer_image IMAGE --epochs 10"
@@ -72,6 +76,9 @@ TIMEOUT = datetime.timedelta(hours=float(_setting("imagebeam_timeout_hours", "12
 TICK = """set -euo pipefail -o noglob
 args=(--root "$IMAGEBEAM_ROOT" --runner "$IMAGEBEAM_RUNNER" --trainer "$IMAGEBEAM_TRAINER")
 if [ -n "$IMAGEBEAM_INPUT" ]; then args+=(--input "$IMAGEBEAM_INPUT"); fi
+if [ -n "$IMAGEBEAM_DEPLOY_ENDPOINT" ]; then
+  args+=(--deploy_endpoint "$IMAGEBEAM_DEPLOY_ENDPOINT")
+fi
 exec "$IMAGEBEAM_PYTHON" -m pipelines.retrain "${args[@]}" $IMAGEBEAM_ARGS $IMAGEBEAM_EXTRA_ARGS
 """
 
@@ -83,6 +90,7 @@ def tick_env(python: str) -> dict[str, str]:
         "IMAGEBEAM_ROOT": _var("imagebeam_root"),
         "IMAGEBEAM_RUNNER": _var("imagebeam_runner", "DirectRunner"),
         "IMAGEBEAM_TRAINER": _var("imagebeam_trainer", "local"),
+        "IMAGEBEAM_DEPLOY_ENDPOINT": _var("imagebeam_deploy_endpoint"),
         "IMAGEBEAM_ARGS": _var("imagebeam_args"),
         # Refused flags fail the rendering, before the tick starts (and without retries).
         "IMAGEBEAM_EXTRA_ARGS": "{{ params.extra_args | imagebeam_allowed_args("
