@@ -69,6 +69,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         # Ours, not Beam's: Beam has a test-only --dry_run of its own.
         flags, rest = _dry_run_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
         config, options = parse_args(rest)
+        # Flag mistakes first, offline: they need no credentials to be told.
+        ownership.refuse_overlaps(config.output, output_lib.input_paths(config))
+        dataflow.check(config, options)
         if flags.dry_run:
             return dry_run(config, options, check=flags.check)
         if flags.check:
@@ -92,9 +95,7 @@ def _dry_run_parser() -> argparse.ArgumentParser:
 
 def dry_run(config: PreprocessConfig, options: PipelineOptions, check: bool) -> int:
     """Prints the plan on stderr and returns 0; contacts Google Cloud only if `check`.
-    Raises UsageError, InputError (--check) or CloudAccessError (--check)."""
-    ownership.refuse_overlaps(config.output, output_lib.input_paths(config))
-    dataflow.check(config, options)
+    Raises InputError or CloudAccessError (both --check only)."""
     lines = ["dry run: nothing runs" + ("" if check else "; Google Cloud is not contacted")]
     size = dry_run_lib.local_input_size(config)
     if check:
