@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from pipelines.contract import records
 from pipelines.contract.manifest import read_manifest
+from pipelines.retraining import gate
 from trainer import agreement, serving
 from trainer import input as input_lib
 from trainer.model import make_model
@@ -27,11 +28,11 @@ def exported(photo_prep, tmp_path_factory):
     serving.export(model, path, spec.labels, spec.height, spec.width, spec.resize,
                    stored_as=spec.image_format, jpeg_quality=spec.jpeg_quality)
     serve = tf.saved_model.load(path).signatures[serving.SIGNATURE]
-    return spec, model, serve
+    return spec, model, serve, path
 
 
 def test_agreement_compares_every_record_and_recounts(exported):
-    spec, model, serve = exported
+    spec, model, serve, _ = exported
     result = agreement.measure(model, serve, spec, "validation", batch_size=7)
     assert result["num_examples"] == spec.num_examples("validation")
     assert result["unreadable"] == 0
@@ -52,7 +53,7 @@ def test_agreement_compares_every_record_and_recounts(exported):
 
 
 def test_metrics_json_gets_served_metrics_next_to_the_stored_ones(exported):
-    spec, model, serve = exported
+    spec, model, serve, _ = exported
     results = {split: agreement.measure(model, serve, spec, split)
                for split in ("validation", "test")}
     summary = agreement.summarize(results)
@@ -68,7 +69,7 @@ def test_serving_the_stored_format_brings_served_predictions_to_the_stored_ones(
     # The exported signature ends with the shards' JPEG round trip; without it (what it
     # served before) the model's outputs on the original files drift further from its
     # outputs on the stored records.
-    spec, model, serve = exported
+    spec, model, serve, _ = exported
     plain = tf.function(serving.serving_fn(model, spec.labels, spec.height, spec.width,
                                            spec.resize, spec.max_pixels))
     dataset = tf.data.TFRecordDataset([s.path for s in spec.splits["test"]]).batch(64)
@@ -87,7 +88,7 @@ def test_serving_the_stored_format_brings_served_predictions_to_the_stored_ones(
 
 
 def test_a_source_that_is_gone_is_counted_not_compared(exported, monkeypatch):
-    spec, model, serve = exported
+    spec, model, serve, _ = exported
     real = agreement._read
     gone: list[str] = []
 
@@ -104,7 +105,7 @@ def test_a_source_that_is_gone_is_counted_not_compared(exported, monkeypatch):
 
 
 def test_disagreement_below_the_threshold_is_a_warning_line(exported):
-    spec, model, serve = exported
+    spec, model, serve, _ = exported
 
     def shifted(image_bytes):  # the real signature, answering one class off
         outputs = serve(image_bytes=image_bytes)
@@ -114,3 +115,25 @@ def test_disagreement_below_the_threshold_is_a_warning_line(exported):
     assert result["agreement"] == 0.0 and result["disagreements"]
     (line,) = agreement.warnings_for({"test": result, "validation": {"agreement": 1.0}})
     assert "serving agreement on test is 0.000" in line
+
+
+def test_the_gate_evaluates_what_serving_answers(exported, photo_prep, monkeypatch):
+    # The retraining gate feeds the test split's original files (unchanged since they
+    # were preprocessed) to the signature: its accuracy is the trainer's served accuracy.
+    spec, model, serve, path = exported
+    manifest = read_manifest(str(photo_prep.output))
+    batches = list(gate.split_examples(str(photo_prep.output), manifest, "test"))
+    gated = gate.evaluate(path, spec.labels, batches)
+    served = agreement.measure(model, serve, spec, "test")["served"]
+    assert gated["num_examples"] == served["num_examples"] == manifest.splits["test"].num_examples
+    assert gated["accuracy"] == served["accuracy"]
+    assert gated["loss"] == pytest.approx(served["loss"], abs=1e-4)
+    originals = {p.read_bytes() for p in photo_prep.raw.rglob("*") if p.is_file()}
+    assert all(image in originals for images, _ in batches for image in images)
+
+    # A source that is gone or no longer holds the preprocessed bytes: the stored image.
+    real = gate._read
+    monkeypatch.setattr(gate, "_read", lambda uri: None if "0" in uri else real(uri) + b"x")
+    images = [image for batch, _ in gate.split_examples(str(photo_prep.output), manifest,
+                                                        "test") for image in batch]
+    assert len(images) == gated["num_examples"] and not originals & set(images)
