@@ -12,7 +12,7 @@ from pipelines.contract import records, transform_output
 from pipelines.contract.imaging import ImageFormat, ImageSpec, process_image
 from pipelines.contract.manifest import read_manifest
 from pipelines.preprocessing.spill import SpillRef
-from pipelines.preprocessing.transforms import UniqueImage
+from pipelines.preprocessing.transforms import ImageMeta, UniqueImage
 from pipelines.stats import analyzers
 from tests import corpus, stats_outputs
 
@@ -26,9 +26,7 @@ def unique_image(data: bytes, labels: tuple[str, ...], split: str, name: str):
     image = UniqueImage(
         sha256=name, uris=(name,), labels=labels, label_conflict=False,
         spill=SpillRef("unused", 0, len(processed.encoded)), source_bytes=len(data),
-        original_height=processed.original_height, original_width=processed.original_width,
-        source_format=processed.source_format, channel_sums=processed.channel_sums,
-        channel_squared_sums=processed.channel_squared_sums, split=split, order=name)
+        meta=ImageMeta.of(processed), split=split, order=name)
     return image, pixels
 
 

@@ -8,6 +8,7 @@ import pytest
 from pipelines import preprocess
 from pipelines.contract.manifest import read_manifest
 from pipelines.preprocessing.options import UsageError
+from pipelines.preprocessing.transforms import ImageMeta
 from pipelines.stats import drift
 from pipelines.stats import feature_stats as stats_lib
 from pipelines.stats import phase as stats_phase
@@ -15,9 +16,8 @@ from tests import stats_outputs
 
 
 def image(label: str, height: int = 300, width: int = 400):
-    return SimpleNamespace(labels=(label,), original_height=height, original_width=width,
-                           stored_bytes=5000, source_bytes=50000, source_format="JPEG",
-                           channel_sums=(1.0, 2.0, 3.0), channel_squared_sums=(1.0, 4.0, 9.0))
+    meta = ImageMeta(height, width, "JPEG", (1.0, 2.0, 3.0), (1.0, 4.0, 9.0), stored_sha256="")
+    return SimpleNamespace(labels=(label,), stored_bytes=5000, source_bytes=50000, meta=meta)
 
 
 def stats_of(per_split: dict[str, list], errors: int = 0, files_seen: int | None = None):

@@ -159,9 +159,7 @@ def test_reused_bytes_from_a_damaged_gs_shard_are_decoded_again(flaky, tmp_path,
     image = UniqueImage(
         fresh.sha256, (uri,), ("cat",), False,
         SpillRef(shard, len(b"header"), len(fresh.image.encoded)), fresh.source_bytes,
-        fresh.image.original_height, fresh.image.original_width, fresh.image.source_format,
-        fresh.image.channel_sums, fresh.image.channel_squared_sums, "train", "0",
-        reused=True, stored_sha256=fresh.stored_sha256)
+        fresh.meta, "train", "0", reused=True)
     fn = WriteShardFn(str(tmp_path / "out"), spec, ["cat"])
     fn.setup()
     (info,) = fn.process((("train", 0, 1), [image]))

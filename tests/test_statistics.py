@@ -17,6 +17,7 @@ from tensorflow_metadata.proto.v0 import statistics_pb2
 
 from pipelines.contract import records
 from pipelines.contract.manifest import read_manifest
+from pipelines.preprocessing.transforms import ImageMeta
 from pipelines.stats import feature_stats as stats_lib
 from tests import stats_outputs
 
@@ -118,10 +119,10 @@ def test_dead_letters_dataset_matches_the_error_file(output):
 
 
 def fake_image(labels=("cat",), height=30, width=40, stored=100, source=1000, fmt="JPEG"):
-    return SimpleNamespace(labels=labels, original_height=height, original_width=width,
-                           stored_bytes=stored, source_bytes=source, source_format=fmt,
-                           channel_sums=(10.0, 20.0, 30.0),
-                           channel_squared_sums=(100.0, 400.0, 900.0), split="train")
+    meta = ImageMeta(height, width, fmt, (10.0, 20.0, 30.0), (100.0, 400.0, 900.0),
+                     stored_sha256="")
+    return SimpleNamespace(labels=labels, stored_bytes=stored, source_bytes=source, meta=meta,
+                           split="train")
 
 
 def test_aggregates_merge_like_one_pass():

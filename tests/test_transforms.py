@@ -120,11 +120,12 @@ def test_plan_shards_balances_and_shuffles_classes():
 def _unique(i, split, label):
     from pipelines.preprocessing.spill import SpillRef
     from pipelines.preprocessing.splits import order_key
-    from pipelines.preprocessing.transforms import UniqueImage
+    from pipelines.preprocessing.transforms import ImageMeta, UniqueImage
 
     sha = f"{i:064x}"
-    return UniqueImage(sha, (f"/x/{i}",), (label,), False, SpillRef("s", i, 10), 100, 10, 10,
-                       "JPEG", (0.0,) * 3, (0.0,) * 3, split, order_key(sha, "salt"))
+    meta = ImageMeta(10, 10, "JPEG", (0.0,) * 3, (0.0,) * 3, stored_sha256="")
+    return UniqueImage(sha, (f"/x/{i}",), (label,), False, SpillRef("s", i, 10), 100, meta,
+                       split, order_key(sha, "salt"))
 
 
 def test_a_failed_shard_attempt_leaves_its_temporary_file_under_tmp(tmp_path, monkeypatch):
@@ -152,8 +153,10 @@ def test_a_failed_shard_attempt_leaves_its_temporary_file_under_tmp(tmp_path, mo
         list(fn.process((("train", 0, 1), [image])))
     (info,) = fn.process((("train", 0, 1), [image]))  # the retry
     assert sorted(p.name for p in (out / "data").iterdir()) == [info.path.split("/")[1]]
-    assert [p.relative_to(out).parent.as_posix() for p in out.rglob("*") if p.is_file()
-            and p.parent.name != "data"] == ["_tmp/shards"]
+    # Beside the shards (data/) and their record indexes (index/shards/), only the
+    # abandoned attempt's files (shard and index), under _tmp/.
+    assert {p.relative_to(out).parent.as_posix() for p in out.rglob("*") if p.is_file()
+            and p.parent.name != "data"} == {"_tmp/shards", "index/shards"}
 
 
 _MISSING = OSError(errno.ENOENT, "No such file or directory")
@@ -223,7 +226,7 @@ def test_reused_bytes_are_verified_and_decoded_again_when_they_do_not_match(tmp_
     source.parent.mkdir()
     source.write_bytes(corpus.every_encoding()["baseline.jpg"])
     fresh = transforms.decode_source(SourceFile(str(source), ("cat",)), spec)
-    assert fresh.stored_sha256 == hashlib.sha256(fresh.image.encoded).hexdigest()
+    assert fresh.meta.stored_sha256 == hashlib.sha256(fresh.image.encoded).hexdigest()
     stored = bytearray(fresh.image.encoded)
     stored[len(stored) // 2] ^= 0xFF if damaged else 0
     earlier = tmp_path / "earlier.tfrecord"
@@ -231,9 +234,7 @@ def test_reused_bytes_are_verified_and_decoded_again_when_they_do_not_match(tmp_
     image = UniqueImage(
         fresh.sha256, (str(source),), ("cat",), False,
         SpillRef(str(earlier), len(b"header"), len(stored)), fresh.source_bytes,
-        fresh.image.original_height, fresh.image.original_width, fresh.image.source_format,
-        fresh.image.channel_sums, fresh.image.channel_squared_sums, "train", "0",
-        reused=True, stored_sha256=fresh.stored_sha256)
+        fresh.meta, "train", "0", reused=True)
     fn = WriteShardFn(str(tmp_path / "out"), spec, ["cat"])
     fn.setup()
     (info,) = fn.process((("train", 0, 1), [image]))
@@ -241,4 +242,4 @@ def test_reused_bytes_are_verified_and_decoded_again_when_they_do_not_match(tmp_
     (row,) = [json.loads(line) for line in info.index_lines.splitlines()]
     written = (tmp_path / "out" / info.path).read_bytes()
     assert written[row["offset"]:row["offset"] + row["length"]] == fresh.image.encoded
-    assert row["stored_sha256"] == fresh.stored_sha256
+    assert row["stored_sha256"] == fresh.meta.stored_sha256

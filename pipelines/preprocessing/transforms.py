@@ -43,6 +43,42 @@ ERRORS_TAG = "errors"
 
 
 @dataclasses.dataclass(frozen=True)
+class ImageMeta:
+    """What decoding learnt about one content. Every copy of the same bytes has the same
+    meta, so it travels unchanged from the decode (or an earlier run's index) to the
+    record, the index row and the statistics."""
+
+    original_height: int  # upright, after EXIF orientation
+    original_width: int
+    source_format: str  # PIL's name: JPEG, PNG, ...
+    channel_sums: tuple[float, float, float]  # of the stored (resized) pixels
+    channel_squared_sums: tuple[float, float, float]
+    # sha256 of the stored (encoded) bytes; for a reused image, what the earlier index
+    # promised, checked when the shard writer copies them.
+    stored_sha256: str
+
+    @classmethod
+    def of(cls, image: ProcessedImage) -> ImageMeta:
+        return cls(original_height=image.original_height, original_width=image.original_width,
+                   source_format=image.source_format, channel_sums=image.channel_sums,
+                   channel_squared_sums=image.channel_squared_sums,
+                   stored_sha256=hashlib.sha256(image.encoded).hexdigest())
+
+    @classmethod
+    def from_index_row(cls, row: dict) -> ImageMeta:
+        return cls(original_height=row["original_height"],
+                   original_width=row["original_width"], source_format=row["source_format"],
+                   channel_sums=tuple(row["channel_sums"]),
+                   channel_squared_sums=tuple(row["channel_squared_sums"]),
+                   stored_sha256=row["stored_sha256"])
+
+    def index_fields(self) -> dict:
+        """The meta as an index row holds it (`from_index_row` reads it back)."""
+        return {**dataclasses.asdict(self), "channel_sums": list(self.channel_sums),
+                "channel_squared_sums": list(self.channel_squared_sums)}
+
+
+@dataclasses.dataclass(frozen=True)
 class DecodedImage:
     """One source file that decoded; its stored bytes wait in a spill file."""
 
@@ -51,15 +87,8 @@ class DecodedImage:
     labels: tuple[str, ...]
     spill: SpillRef
     source_bytes: int
-    original_height: int
-    original_width: int
-    source_format: str
-    channel_sums: tuple[float, float, float]  # of the stored (resized) pixels
-    channel_squared_sums: tuple[float, float, float]
+    meta: ImageMeta
     reused: bool = False  # stored bytes taken from an earlier run's shard, not decoded
-    # sha256 of the stored (encoded) bytes; for a reused image, what the earlier index
-    # promised, checked when the shard writer copies them.
-    stored_sha256: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,15 +101,10 @@ class UniqueImage:
     label_conflict: bool  # the uris disagree on the labels
     spill: SpillRef
     source_bytes: int
-    original_height: int
-    original_width: int
-    source_format: str
-    channel_sums: tuple[float, float, float]
-    channel_squared_sums: tuple[float, float, float]
+    meta: ImageMeta
     split: str
     order: str  # salted hash: the position within the split
     reused: bool = False
-    stored_sha256: str = ""  # as in DecodedImage
 
     @property
     def stored_bytes(self) -> int:
@@ -124,12 +148,7 @@ class ReuseEntry:
 
     sha256: str
     spill: SpillRef  # the encoded image inside that run's shard file
-    stored_sha256: str  # of those bytes, as that run wrote them
-    original_height: int
-    original_width: int
-    source_format: str
-    channel_sums: tuple[float, float, float]
-    channel_squared_sums: tuple[float, float, float]
+    meta: ImageMeta  # its stored_sha256: of those bytes, as that run wrote them
 
     @classmethod
     def from_index_row(cls, row: dict, root: str) -> ReuseEntry:
@@ -138,12 +157,7 @@ class ReuseEntry:
             sha256=row["sha256"],
             spill=SpillRef(FileSystems.join(root, *row["path"].split("/")), row["offset"],
                            row["length"]),
-            stored_sha256=row["stored_sha256"],
-            original_height=row["original_height"],
-            original_width=row["original_width"],
-            source_format=row["source_format"],
-            channel_sums=tuple(row["channel_sums"]),
-            channel_squared_sums=tuple(row["channel_squared_sums"]),
+            meta=ImageMeta.from_index_row(row),
         )
 
 
@@ -182,8 +196,8 @@ class DecodeOutcome:
     error: ErrorRow | None = None
     reused: DecodedImage | None = None
     image: ProcessedImage | None = None
+    meta: ImageMeta | None = None  # of image
     sha256: str = ""
-    stored_sha256: str = ""  # of image.encoded
     source_bytes: int = 0
 
 
@@ -215,9 +229,8 @@ def decode_source(source: SourceFile, spec: ImageSpec,
         # struct.error, ...): the file is bad, the job is not.
         return DecodeOutcome("errors_decoder_failure", error=ErrorRow(
             source.uri, "decoder_failure", "decode", f"{type(err).__name__}: {err}"[:500]))
-    # Hashed here, in the decode threads, for the index a later --reuse_from verifies.
-    return DecodeOutcome("images_decoded", image=image, sha256=sha256,
-                         stored_sha256=hashlib.sha256(image.encoded).hexdigest(),
+    # ImageMeta.of hashes the stored bytes here, in the decode threads.
+    return DecodeOutcome("images_decoded", image=image, meta=ImageMeta.of(image), sha256=sha256,
                          source_bytes=len(data))
 
 
@@ -286,12 +299,7 @@ class DecodeSourceFn(beam.DoFn):
                 labels=source.labels,
                 spill=self._spill.append(image.encoded),
                 source_bytes=outcome.source_bytes,
-                original_height=image.original_height,
-                original_width=image.original_width,
-                source_format=image.source_format,
-                channel_sums=image.channel_sums,
-                channel_squared_sums=image.channel_squared_sums,
-                stored_sha256=outcome.stored_sha256,
+                meta=outcome.meta,
             )
 
     def teardown(self) -> None:
@@ -315,13 +323,8 @@ def _reused_image(source: SourceFile, entry: ReuseEntry, source_bytes: int) -> D
         labels=source.labels,
         spill=entry.spill,
         source_bytes=source_bytes,
-        original_height=entry.original_height,
-        original_width=entry.original_width,
-        source_format=entry.source_format,
-        channel_sums=entry.channel_sums,
-        channel_squared_sums=entry.channel_squared_sums,
+        meta=entry.meta,
         reused=True,
-        stored_sha256=entry.stored_sha256,
     )
 
 
@@ -344,15 +347,10 @@ def merge_duplicates(
         label_conflict=len(label_sets) > 1,
         spill=keep.spill,
         source_bytes=keep.source_bytes,
-        original_height=keep.original_height,
-        original_width=keep.original_width,
-        source_format=keep.source_format,
-        channel_sums=keep.channel_sums,
-        channel_squared_sums=keep.channel_squared_sums,
+        meta=keep.meta,
         split=splits.assign_split(sha256, config.splits, config.split_salt),
         order=splits.order_key(sha256, config.split_salt),
         reused=keep.reused,
-        stored_sha256=keep.stored_sha256,
     )
 
 
@@ -491,11 +489,8 @@ class WriteShardFn(beam.DoFn):
         except Exception as err:
             raise RuntimeError(f"{uri}: the --reuse_from output stored it, but it no "
                                f"longer decodes here: {err}") from err
-        image = dataclasses.replace(
-            image, reused=False, stored_sha256=hashlib.sha256(processed.encoded).hexdigest(),
-            original_height=processed.original_height,
-            original_width=processed.original_width, source_format=processed.source_format)
-        return image, processed.encoded
+        return dataclasses.replace(image, reused=False,
+                                   meta=ImageMeta.of(processed)), processed.encoded
 
     def _example(self, image: UniqueImage, encoded: bytes) -> tuple[bytes, int]:
         return records.make_example_locating_image(
@@ -507,8 +502,8 @@ class WriteShardFn(beam.DoFn):
             labels=image.labels,
             source_uris=image.uris,
             sha256=image.sha256,
-            original_height=image.original_height,
-            original_width=image.original_width,
+            original_height=image.meta.original_height,
+            original_width=image.meta.original_width,
         )
 
 
@@ -533,7 +528,7 @@ def _read_earlier(refs: Iterable[SpillRef]) -> dict[SpillRef, bytes]:
 def _intact(encoded: bytes | None, image: UniqueImage) -> bool:
     """Whether bytes read back from an earlier shard are the ones its index describes."""
     return (encoded is not None and len(encoded) == image.spill.length
-            and hashlib.sha256(encoded).hexdigest() == image.stored_sha256)
+            and hashlib.sha256(encoded).hexdigest() == image.meta.stored_sha256)
 
 
 def _make_folder(path: str) -> None:
@@ -547,18 +542,9 @@ def _make_folder(path: str) -> None:
 def _index_line(image: UniqueImage, shard_path: str, offset: int, length: int) -> str:
     """Where this run stored `image` (a JSON line), for `ReuseEntry.from_index_row` in a
     later run."""
-    return json.dumps({
-        "sha256": image.sha256,
-        "path": shard_path,
-        "offset": offset,
-        "length": length,
-        "stored_sha256": image.stored_sha256,  # of the `length` bytes at `offset`
-        "original_height": image.original_height,
-        "original_width": image.original_width,
-        "source_format": image.source_format,
-        "channel_sums": list(image.channel_sums),
-        "channel_squared_sums": list(image.channel_squared_sums),
-    }, sort_keys=True) + "\n"
+    # stored_sha256 is of the `length` bytes at `offset`.
+    return json.dumps({"sha256": image.sha256, "path": shard_path, "offset": offset,
+                       "length": length, **image.meta.index_fields()}, sort_keys=True) + "\n"
 
 
 def _reuse_entry(row: dict, root: str) -> Iterator[tuple[str, ReuseEntry]]:

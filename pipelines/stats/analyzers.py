@@ -1,7 +1,7 @@
 """tf.Transform over the train split: per-channel pixel mean/std and the label vocabulary.
 
 The cheap formulation: decoding already sums each image's resized uint8 pixels and
-their squares per channel (`UniqueImage.channel_sums`, `.channel_squared_sums`, over
+their squares per channel (`ImageMeta.channel_sums`, `.channel_squared_sums`, over
 H*W pixels). The analyzers only add those up, so they see 7 floats and a label list
 per image instead of H*W*3 pixels:
 
@@ -135,7 +135,8 @@ class TrainInstances(beam.PTransform):
             unique_images
             | "TrainOnly" >> beam.Filter(lambda image: image.split == train)
             | "ToAnalyzerInput" >> beam.Map(lambda image: serialized_instance(
-                image.channel_sums, image.channel_squared_sums, pixel_count, image.labels))
+                image.meta.channel_sums, image.meta.channel_squared_sums, pixel_count,
+                image.labels))
         )
 
 

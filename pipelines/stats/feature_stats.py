@@ -162,19 +162,20 @@ class SplitAggregate:
         self.labels.update(image.labels)
         self.labels_per_image[len(image.labels)] += 1
         self.stored_formats[image_format] += 1
-        self.source_formats[image.source_format] += 1
+        meta = image.meta
+        self.source_formats[meta.source_format] += 1
         for name, value in (
             (HEIGHT, height),
             (WIDTH, width),
-            (ORIGINAL_HEIGHT, image.original_height),
-            (ORIGINAL_WIDTH, image.original_width),
+            (ORIGINAL_HEIGHT, meta.original_height),
+            (ORIGINAL_WIDTH, meta.original_width),
             (STORED_BYTES, image.stored_bytes),
             (SOURCE_BYTES, image.source_bytes),
         ):
             self.numeric[name].add(int(value))
         for channel in range(3):
-            self.channel_sums[channel] += image.channel_sums[channel]
-            self.channel_squared_sums[channel] += image.channel_squared_sums[channel]
+            self.channel_sums[channel] += meta.channel_sums[channel]
+            self.channel_squared_sums[channel] += meta.channel_squared_sums[channel]
         self.pixel_count += height * width
 
     def merge(self, other: SplitAggregate) -> None:
