@@ -1,6 +1,7 @@
 """The retraining tick's parts without running a tick: flags, gate rule, fingerprint,
 atomic pointer writes, warm-start choice, the trainer's --warm_start, Vertex job spec."""
 
+import dataclasses
 import json
 import os
 
@@ -78,6 +79,36 @@ def evaluation(accuracy, loss=1.0, n=10):
 def test_gate_decision(candidate, baseline, blocking, rule, promoted, why):
     decision = gate.decide(candidate, baseline, blocking, rule)
     assert decision.promoted is promoted and why in decision.reason, decision
+
+
+def test_gate_on_macro_recall_and_the_largest_class_drop():
+    # 10 test images: "a" 8, "b" 2. The candidate gains on the big class, loses the small one.
+    current = {"num_examples": 10, "accuracy": 0.7, "loss": 0.5,
+               **gate.recalls({"a": [5, 8], "b": [2, 2]})}
+    candidate = {"num_examples": 10, "accuracy": 0.8, "loss": 0.5,
+                 **gate.recalls({"a": [7, 8], "b": [1, 2]})}
+    assert current["recall"] == {"a": 0.625, "b": 1.0} and current["macro_recall"] == 0.8125
+    assert candidate["macro_recall"] == 0.6875  # (0.875 + 0.5) / 2
+    assert gate.decide(candidate, current, [], gate.GateRule()).promoted  # accuracy rose
+    by_recall = gate.decide(candidate, current, [], gate.GateRule(metric="macro_recall"))
+    assert not by_recall.promoted and "macro_recall 0.6875 fails" in by_recall.reason
+    dropped = gate.decide(candidate, current, [], gate.GateRule(max_class_drop=0.4))
+    assert not dropped.promoted and "b 1.000 -> 0.500" in dropped.reason, dropped
+    allowed = gate.decide(candidate, current, [], gate.GateRule(max_class_drop=0.5))
+    assert allowed.promoted and "no class recall fell more than 0.5" in allowed.reason
+    assert gate.class_drops({"a": 0.9}, {"a": 0.95, "gone": 0.2}, 0.1) == [("gone", 0.2, 0.0)]
+    with pytest.raises(ValueError, match="max_class_drop"):
+        gate.GateRule(max_class_drop=1.5)
+
+
+def test_gate_flags_reach_the_rule_and_retrain_json_settings():
+    config = retrain.parse_args([*BASE, "--gate_metric", "macro_recall",
+                                 "--gate_max_class_drop", "0.1"])
+    assert config.rule == gate.GateRule("macro_recall", 0.02, "error", 0.1)
+    # retrain.json's settings.gate is the rule as a dict: both are recorded.
+    assert dataclasses.asdict(config.rule)["max_class_drop"] == 0.1
+    with pytest.raises(UsageError, match="--gate_max_class_drop"):
+        retrain.parse_args([*BASE, "--gate_max_class_drop", "2"])
 
 
 def test_which_drift_blocks():

@@ -117,7 +117,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="folder or gs:// prefix holding current.json and runs/")
     parser.add_argument("--trainer", choices=("local", "vertex"), default="local",
                         help="train in a local subprocess or as a Vertex AI custom job")
-    parser.add_argument("--gate_metric", choices=sorted(gate_lib.METRICS), default="accuracy")
+    parser.add_argument("--gate_metric", choices=sorted(gate_lib.METRICS), default="accuracy",
+                        help="what the gate compares: accuracy, loss, or macro_recall (the "
+                        "mean of per-class recalls)")
+    parser.add_argument("--gate_max_class_drop", type=float, metavar="X",
+                        help="also refuse a candidate if any class's recall falls more than X "
+                        "below the current model's (e.g. 0.1; default: not checked)")
     parser.add_argument("--gate_margin", type=float, default=gate_lib.GateRule.margin,
                         help="how much worse than the current model the candidate may be "
                         "and still be promoted (metric units; default 0.02)")
@@ -165,6 +170,9 @@ def parse_args(argv: Sequence[str]) -> RetrainConfig:
         raise UsageError(f"trainer flags {' '.join(trainer_args)}: {err}") from err
     vertex = (_vertex_config(known, options.view_as(GoogleCloudOptions), root, trainer_args)
               if known.trainer == "vertex" else None)
+    drop = known.gate_max_class_drop
+    if drop is not None and not 0 <= drop <= 1:
+        raise UsageError(f"--gate_max_class_drop {drop:g}: a recall difference, 0 to 1")
     return RetrainConfig(
         root=root,
         preprocess=preprocess,
@@ -172,7 +180,8 @@ def parse_args(argv: Sequence[str]) -> RetrainConfig:
         trainer_args=tuple(trainer_args),
         model=train.model,
         trainer=known.trainer,
-        rule=gate_lib.GateRule(known.gate_metric, known.gate_margin, known.block_on_drift),
+        rule=gate_lib.GateRule(known.gate_metric, known.gate_margin, known.block_on_drift,
+                               known.gate_max_class_drop),
         run_id=known.run_id,
         vertex=vertex,
         trainer_warm_start="--warm_start" in run_lib.trainer_flag_arity(),
@@ -654,14 +663,7 @@ def dry_run(config: RetrainConfig) -> int:
                        for part in (DATA, MODEL))
     preprocess = dataclasses.replace(config.preprocess, output=data)
     _, options = parse_preprocess_args([*config.preprocess_args, "--output", data])
-    lines = ["dry run: nothing runs" + ("" if config.check else
-                                        "; Google Cloud is not contacted")]
-    size = dry_run_lib.local_input_size(preprocess)
-    if config.check:
-        gcs_input = preprocess.input if (preprocess.input or "").startswith("gs://") else None
-        checked, listed = dry_run_lib.online_checks(cloud_use(config), gcs_input, config.root)
-        lines += checked
-        size = size or listed
+    lines, size = dry_run_lib.opening(preprocess, cloud_use(config), config.root, config.check)
     lines += [f"1. reads {manifest_lib.join(config.root, CURRENT)} and the runs' {RECORD}; "
               "stops (no_new_data) if the input listing and the flags are unchanged",
               f"2. preprocess into {data}, --reuse_from the newest complete earlier output",
