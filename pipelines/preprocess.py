@@ -96,14 +96,8 @@ def _dry_run_parser() -> argparse.ArgumentParser:
 def dry_run(config: PreprocessConfig, options: PipelineOptions, check: bool) -> int:
     """Prints the plan on stderr and returns 0; contacts Google Cloud only if `check`.
     Raises InputError or CloudAccessError (both --check only)."""
-    lines = ["dry run: nothing runs" + ("" if check else "; Google Cloud is not contacted")]
-    size = dry_run_lib.local_input_size(config)
-    if check:
-        gcs_input = config.input if (config.input or "").startswith("gs://") else None
-        checked, listed = dry_run_lib.online_checks(
-            dry_run_lib.preprocess_cloud_use(config, options), gcs_input, config.output)
-        lines += checked
-        size = size or listed
+    lines, size = dry_run_lib.opening(
+        config, dry_run_lib.preprocess_cloud_use(config, options), config.output, check)
     lines += dry_run_lib.dataflow_lines(options)
     lines += dry_run_lib.preprocess_lines(config, options, size)
     lines += dry_run_lib.cost_lines(size, options, None)

@@ -260,14 +260,7 @@ def dry_run(plan_: Plan) -> int:
     """Prints the plan (stderr; the Vertex AI job body on stdout) and returns 0. Touches
     Google Cloud only with --check; raises UsageError / InputError / CloudAccessError."""
     config, options = plan_.config, plan_.options
-    lines = ["dry run: nothing runs or is submitted"
-             + ("" if plan_.args.check else "; Google Cloud is not contacted")]
-    size = dry_run_lib.local_input_size(config)
-    if plan_.args.check:
-        gcs_input = config.input if (config.input or "").startswith("gs://") else None
-        checked, listed = dry_run_lib.online_checks(plan_.cloud_use(), gcs_input, plan_.prep)
-        lines += checked
-        size = size or listed
+    lines, size = dry_run_lib.opening(config, plan_.cloud_use(), plan_.prep, plan_.args.check)
     if "://" not in plan_.prep or plan_.args.check:
         reuse = reusable_prep(config)  # raises for an output made with other settings
     else:

@@ -214,6 +214,20 @@ def run_time_lines(options: PipelineOptions, *extra: str) -> list[str]:
             *[f"  {check}" for check in checks]]
 
 
+def opening(config: PreprocessConfig, use: access.CloudUse, output: str, check: bool
+            ) -> tuple[list[str], InputSize | None]:
+    """The plan's first lines and the input's size where known: counted here for a local
+    input; with `check`, the online checks' lines and a gs:// input's size from GCS."""
+    lines = ["dry run: nothing runs" + ("" if check else "; Google Cloud is not contacted")]
+    size = local_input_size(config)
+    if check:
+        gcs_input = config.input if (config.input or "").startswith("gs://") else None
+        checked, listed = online_checks(use, gcs_input, output)
+        lines += checked
+        size = size or listed
+    return lines, size
+
+
 def online_checks(use: access.CloudUse, input_root: str | None, output: str,
                   environ: Mapping[str, str] | None = None) -> tuple[list[str], InputSize | None]:
     """--check: credentials, endpoints, the input's size and what the output holds; raises
