@@ -1,7 +1,7 @@
 """`stats/report.html`: one self-contained page a person reads after a run.
 
-No scripts, no external URLs: charts are inline SVG, thumbnails are base64 JPEG data
-URIs, so the file opens offline and can be mailed or attached to a ticket. Sections:
+A page of `pipelines.contract.html_page` (inline SVG charts, thumbnails as data URIs,
+no scripts or external URLs). Sections:
 summary, examples per class per split, original sizes and bytes per image, source
 formats, shard sizes, thumbnails per class (decoded from the WRITTEN shards: what the
 model will see), dead letters, duplicates and label conflicts, drift, config and
@@ -14,20 +14,29 @@ included), never through TensorFlow's file systems.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import html
 import io
 import json
-import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
-from pipelines.contract import records
+from pipelines.contract import html_page, records
+from pipelines.contract.html_page import (
+    SERIES_COLOURS,
+    clip,
+    column_chart,
+    grouped_bar_chart,
+    histogram_chart,
+    image_data_uri,
+    section,
+    table,
+)
+from pipelines.contract.html_page import compact_number as _fmt
+from pipelines.contract.html_page import escape as _e
 from pipelines.contract.manifest import Manifest
 from pipelines.stats import feature_stats as stats_lib
 
@@ -40,8 +49,7 @@ MAX_CLASSES_CHARTED = 60
 MAX_TABLE_ROWS = 200
 MAX_DUPLICATES_LISTED = 300  # contents; the pipeline passes at most this many
 
-SPLIT_COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#76b7b2", "#edc948",
-                 "#ff9da7", "#9c755f")
+SPLIT_COLOURS = SERIES_COLOURS
 SECTIONS = (
     ("summary", "Summary"),
     ("classes", "Examples per class"),
@@ -132,155 +140,8 @@ def _thumbnail_uri(example: Mapping) -> str:
             example["height"], example["width"], 3)
         image = Image.fromarray(pixels)
     else:
-        image = Image.open(io.BytesIO(example["encoded"])).convert("RGB")
-    image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BILINEAR)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-# --- SVG charts --------------------------------------------------------------------------
-
-
-def _e(value) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _fmt(value: float) -> str:
-    """Compact number: 1234 -> 1.2k, 0.5 -> 0.5."""
-    value = float(value)
-    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= limit:
-            return f"{value / limit:.3g}{suffix}"
-    return f"{value:.3g}" if value != int(value) else str(int(value))
-
-
-def _nice_max(value: float) -> float:
-    if value <= 0:
-        return 1.0
-    magnitude = 10 ** math.floor(math.log10(value))
-    for step in (1, 2, 2.5, 5, 10):
-        if step * magnitude >= value:
-            return step * magnitude
-    return 10 * magnitude
-
-
-def grouped_bar_chart(
-    categories: Sequence[str],
-    series: Mapping[str, Sequence[float]],
-    colours: Mapping[str, str],
-    value_label: str = "",
-    width: int = 900,
-) -> str:
-    """Horizontal grouped bars: one group per category, one bar per series. SVG text."""
-    names = list(series)
-    bar, gap = 12, 10
-    label_w, right = 170, 60
-    group_h = bar * len(names) + gap
-    top = 28
-    height = top + group_h * len(categories) + 24
-    peak = _nice_max(max((v for values in series.values() for v in values), default=0))
-    plot_w = width - label_w - right
-    parts = [_svg_open(width, height, f"bar chart of {value_label}")]
-    for i, name in enumerate(names):  # legend
-        x = label_w + i * 130
-        parts.append(f'<rect x="{x}" y="6" width="12" height="12" fill="{colours[name]}"/>'
-                     f'<text x="{x + 16}" y="16" class="legend">{_e(name)}</text>')
-    for tick in range(5):
-        x = label_w + plot_w * tick / 4
-        parts.append(f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{height - 20}" '
-                     f'class="grid"/><text x="{x:.1f}" y="{height - 6}" class="tick" '
-                     f'text-anchor="middle">{_fmt(peak * tick / 4)}</text>')
-    for c, category in enumerate(categories):
-        y0 = top + c * group_h
-        parts.append(f'<text x="{label_w - 8}" y="{y0 + group_h / 2 + 1:.1f}" class="cat" '
-                     f'text-anchor="end">{_e(_clip(category, 24))}<title>{_e(category)}'
-                     '</title></text>')
-        for s, name in enumerate(names):
-            value = series[name][c]
-            w = plot_w * value / peak
-            y = y0 + s * bar
-            parts.append(f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{bar - 2}" '
-                         f'fill="{colours[name]}"><title>{_e(category)} / {_e(name)}: '
-                         f'{value:g}</title></rect>')
-            if value:
-                parts.append(f'<text x="{label_w + w + 4:.1f}" y="{y + bar - 3}" '
-                             f'class="val">{_fmt(value)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def histogram_chart(
-    buckets: Sequence[tuple[float, float, float]],
-    x_label: str,
-    width: int = 440,
-    height: int = 220,
-    colour: str = SPLIT_COLOURS[0],
-) -> str:
-    """Vertical bars, one per bucket (equal widths: log buckets read as a log axis)."""
-    if not buckets:
-        return '<p class="muted">no data</p>'
-    left, bottom, top = 44, 40, 12
-    plot_w, plot_h = width - left - 10, height - bottom - top
-    peak = _nice_max(max(count for _, _, count in buckets))
-    step = plot_w / len(buckets)
-    parts = [_svg_open(width, height, f"histogram of {x_label}")]
-    for tick in range(5):
-        y = top + plot_h * (1 - tick / 4)
-        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - 10}" y2="{y:.1f}" '
-                     f'class="grid"/><text x="{left - 4}" y="{y + 3:.1f}" class="tick" '
-                     f'text-anchor="end">{_fmt(peak * tick / 4)}</text>')
-    label_every = max(1, math.ceil(len(buckets) / 8))
-    for i, (low, high, count) in enumerate(buckets):
-        h = plot_h * count / peak
-        x = left + i * step
-        parts.append(f'<rect x="{x + 1:.1f}" y="{top + plot_h - h:.1f}" '
-                     f'width="{max(step - 2, 1):.1f}" height="{h:.1f}" fill="{colour}">'
-                     f'<title>{_fmt(low)}-{_fmt(high)}: {count:g}</title></rect>')
-        if i % label_every == 0:
-            parts.append(f'<text x="{x:.1f}" y="{top + plot_h + 14}" class="tick">'
-                         f'{_fmt(low)}</text>')
-    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 6}" class="axis" '
-                 f'text-anchor="middle">{_e(x_label)}</text></svg>')
-    return "".join(parts)
-
-
-def column_chart(
-    items: Sequence[tuple[str, float, str]],
-    y_label: str,
-    width: int = 900,
-    height: int = 220,
-) -> str:
-    """Vertical bars (label, value, colour), e.g. one per shard."""
-    if not items:
-        return '<p class="muted">no data</p>'
-    left, bottom, top = 56, 28, 12
-    plot_w, plot_h = width - left - 10, height - bottom - top
-    peak = _nice_max(max(value for _, value, _ in items))
-    step = min(plot_w / len(items), 48)  # a handful of shards must not look like walls
-    parts = [_svg_open(width, height, f"chart of {y_label}")]
-    for tick in range(5):
-        y = top + plot_h * (1 - tick / 4)
-        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - 10}" y2="{y:.1f}" '
-                     f'class="grid"/><text x="{left - 4}" y="{y + 3:.1f}" class="tick" '
-                     f'text-anchor="end">{_fmt(peak * tick / 4)}</text>')
-    for i, (label, value, colour) in enumerate(items):
-        h = plot_h * value / peak
-        parts.append(f'<rect x="{left + i * step + 1:.1f}" y="{top + plot_h - h:.1f}" '
-                     f'width="{max(step - 2, 1):.1f}" height="{h:.1f}" fill="{colour}">'
-                     f'<title>{_e(label)}: {_fmt(value)}</title></rect>')
-    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 8}" class="axis" '
-                 f'text-anchor="middle">{_e(y_label)}</text></svg>')
-    return "".join(parts)
-
-
-def _svg_open(width: int, height: int, title: str) -> str:
-    return (f'<svg width="{width}" height="{height}" '
-            f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}">')
-
-
-def _clip(text: str, length: int) -> str:
-    return text if len(text) <= length else text[: length - 1] + "…"
+        image = Image.open(io.BytesIO(example["encoded"]))
+    return image_data_uri(image, THUMBNAIL_SIDE)
 
 
 # --- the page ----------------------------------------------------------------------------
@@ -324,33 +185,15 @@ def render_report(
         _drift(anomalies),
         _config(manifest, timings),
     ]
-    nav = "".join(f'<a href="#{key}">{_e(title)}</a>' for key, title in SECTIONS)
-    return (
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-        f"<title>Preprocessing report: {_e(manifest.input or '')}</title>"
-        f"<style>{_CSS}</style></head><body>"
-        f"<header><h1>Preprocessing report</h1><p class=\"muted\">{_e(manifest.input)}"
-        f" &rarr; {_e(output)}</p><nav>{nav}</nav></header><main>"
-        + "".join(body)
-        + "</main></body></html>\n"
-    )
+    return html_page.page(
+        title=f"Preprocessing report: {manifest.input or ''}",
+        heading="Preprocessing report",
+        subtitle=f"{_e(manifest.input)} &rarr; {_e(output)}",
+        sections=SECTIONS, body=body)
 
 
 def _section(key: str, content: str) -> str:
-    title = dict(SECTIONS)[key]
-    return f'<section id="{key}"><h2>{_e(title)}</h2>{content}</section>'
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence], numeric: Sequence[int] = ()) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    lines = []
-    for row in rows:
-        cells = "".join(
-            f'<td class="num">{_e(v)}</td>' if i in numeric else f"<td>{_e(v)}</td>"
-            for i, v in enumerate(row))
-        lines.append(f"<tr>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table>"
+    return section(key, dict(SECTIONS)[key], content)
 
 
 def _summary(manifest, statistics, anomalies) -> str:
@@ -389,7 +232,7 @@ def _summary(manifest, statistics, anomalies) -> str:
         "duplicates + dead letters + skipped. Pixel mean/std are per channel (R / G / B) "
         "over the stored 0..255 pixels; the train split's are what "
         "<code>transform_output</code> carries into the model.</p>"
-        + _table(["split", "examples", "shards", "pixel mean R / G / B",
+        + table(["split", "examples", "shards", "pixel mean R / G / B",
                   "pixel std R / G / B"], rows, numeric=(1, 2))
         + f'<p class="muted">accounting: {_e(json.dumps(dataclasses.asdict(accounting)))}</p>'
     ))
@@ -410,9 +253,9 @@ def _classes(manifest, colours) -> str:
         colours, "examples per class")
     rows = [(label, *(counts[s].get(label, 0) for s in counts), totals[label])
             for label in labels]
-    table = _table(["label", *counts, "total"], rows, numeric=range(1, len(counts) + 2))
+    listed = table(["label", *counts, "total"], rows, numeric=range(1, len(counts) + 2))
     return _section("classes", f'<div class="chart">{chart}</div>{note}'
-                               f"<details><summary>table</summary>{table}</details>")
+                               f"<details><summary>table</summary>{listed}</details>")
 
 
 def _sizes(statistics) -> str:
@@ -438,7 +281,7 @@ def _sizes(statistics) -> str:
     return _section("sizes", (
         '<p class="muted">Buckets are log-scale (4 per doubling).</p>'
         f'<div class="grid2">{"".join(charts)}</div>'
-        + _table(["split", "feature", "min", "median", "mean", "max"], rows,
+        + table(["split", "feature", "min", "median", "mean", "max"], rows,
                  numeric=(2, 3, 4, 5))
     ))
 
@@ -465,11 +308,11 @@ def _shards(manifest, colours) -> str:
                          f"{shard.num_bytes / 1e6:.2f}"))
     legend = " ".join(f'<span class="swatch" style="background:{colours[s]}"></span>{_e(s)}'
                       for s in manifest.splits)
-    table = _table(["shard", "split", "examples", "MB"], rows[:MAX_TABLE_ROWS], numeric=(2, 3))
+    listed = table(["shard", "split", "examples", "MB"], rows[:MAX_TABLE_ROWS], numeric=(2, 3))
     return _section("shards", (
         f"<p>{len(rows)} shard(s). {legend}</p>"
         f'<div class="chart">{column_chart(items, "MB per shard")}</div>'
-        f"<details><summary>table</summary>{table}</details>"
+        f"<details><summary>table</summary>{listed}</details>"
     ))
 
 
@@ -499,7 +342,7 @@ def _dead_letters(manifest, errors) -> str:
     chart = grouped_bar_chart(sorted(reasons), {"files": [reasons[r] for r in sorted(reasons)]},
                               {"files": "#e15759"}, "dead letters by reason")
     ordered = sorted(errors, key=lambda e: (e["reason"], e["uri"]))
-    rows = [(e["uri"], e["reason"], e["stage"], _clip(e.get("detail", ""), 160))
+    rows = [(e["uri"], e["reason"], e["stage"], clip(e.get("detail", ""), 160))
             for e in ordered[:MAX_TABLE_ROWS]]
     more = (f'<p class="muted">first {MAX_TABLE_ROWS} of {len(errors)}; all are in '
             f"{_e(manifest.errors_path)}</p>" if len(errors) > MAX_TABLE_ROWS else "")
@@ -507,7 +350,7 @@ def _dead_letters(manifest, errors) -> str:
         f"<p>{len(errors)} file(s) could not become records "
         f"(<code>{_e(manifest.errors_path)}</code>).</p>"
         f'<div class="chart">{chart}</div>'
-        + _table(["uri", "reason", "stage", "detail"], rows) + more
+        + table(["uri", "reason", "stage", "detail"], rows) + more
     ))
 
 
@@ -522,12 +365,12 @@ def _duplicates(manifest, duplicates) -> str:
              "labels (identical bytes in different class folders: the record keeps every "
              "label).</p>"]
     if conflicts:
-        parts.append("<h3>Label conflicts</h3>" + _table(
+        parts.append("<h3>Label conflicts</h3>" + table(
             ["sha256", "labels", "uris"],
             [(d["sha256"][:12], ", ".join(d["labels"]), "\n".join(d["uris"]))
              for d in conflicts]))
     if plain:
-        parts.append("<h3>Duplicates</h3>" + _table(
+        parts.append("<h3>Duplicates</h3>" + table(
             ["sha256", "labels", "uris"],
             [(d["sha256"][:12], ", ".join(d["labels"]), "\n".join(d["uris"])) for d in plain]))
     if len(duplicates) >= MAX_DUPLICATES_LISTED:
@@ -547,14 +390,14 @@ def _drift(anomalies) -> str:
         rows = [(a["severity"], a["kind"], a["split"], a.get("feature") or "", a["description"])
                 for a in found]
         parts.append(f'<p class="bad-text">{len(found)} anomal{"y" if len(found) == 1 else "ies"}'
-                     "</p>" + _table(["severity", "kind", "split", "feature", "what"], rows))
+                     "</p>" + table(["severity", "kind", "split", "feature", "what"], rows))
     else:
         parts.append('<p class="good-text">No anomalies: nothing moved past its threshold.</p>')
     metric_rows = [(name, key, f"{value:.4f}" if isinstance(value, float) else value)
                    for name, values in anomalies.get("metrics", {}).items()
                    for key, value in values.items()]
     if metric_rows:
-        parts.append("<h3>Metrics</h3>" + _table(["metric", "over", "value"], metric_rows,
+        parts.append("<h3>Metrics</h3>" + table(["metric", "over", "value"], metric_rows,
                                                   numeric=(2,)))
     parts.append(f'<p class="muted">thresholds: {_e(json.dumps(anomalies.get("thresholds")))}'
                  "</p>")
@@ -566,7 +409,7 @@ def _config(manifest, timings) -> str:
             for name, value in timings.items()]
     return _section("config", (
         f"<pre>{_e(json.dumps(manifest.config, indent=2))}</pre>"
-        "<h3>Timings</h3>" + _table(["", "value"], rows, numeric=(1,))
+        "<h3>Timings</h3>" + table(["", "value"], rows, numeric=(1,))
         + '<p class="muted">Seconds since the pipeline was built. Beam runs steps '
         "concurrently, so milestones overlap; the statistics' share of wall time is "
         "measured by <code>tests/benchmarks/stats_overhead.py</code> (same corpus with "
@@ -574,40 +417,7 @@ def _config(manifest, timings) -> str:
     ))
 
 
-_CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;
-color:#222;background:#f6f7f9}
-header{background:#1f2d3d;color:#fff;padding:18px 28px 10px}
-header h1{margin:0 0 4px;font-size:22px}header .muted{color:#c9d3de}
-nav{margin-top:10px;display:flex;flex-wrap:wrap;gap:4px 14px}
-nav a{color:#9fd0ff;text-decoration:none;font-size:13px}
-main{max-width:1180px;margin:0 auto;padding:10px 24px 40px}
-section{background:#fff;border:1px solid #e2e5ea;border-radius:8px;margin:16px 0;
-padding:8px 20px 16px}
-h2{font-size:18px;margin:10px 0}h3{font-size:15px;margin:14px 0 6px}
-.muted{color:#6b7785}.cards{display:flex;flex-wrap:wrap;gap:10px;margin:8px 0 12px}
-.card{border:1px solid #e2e5ea;border-radius:6px;padding:8px 14px;min-width:110px}
-.card .big{font-size:22px;font-weight:600}.card.bad{border-color:#e15759;background:#fff4f4}
-.bad-text{color:#c0392b;font-weight:600}.good-text{color:#2e7d32;font-weight:600}
-table{border-collapse:collapse;margin:8px 0;font-size:13px}
-th,td{border-bottom:1px solid #eceef1;padding:4px 10px;text-align:left;vertical-align:top;
-white-space:pre-wrap;word-break:break-all}
-th{background:#f0f2f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
-tbody tr:nth-child(even){background:#fafbfc}
-svg text{font:11px system-ui,sans-serif;fill:#333}svg .grid{stroke:#e6e8eb}
-svg .tick{fill:#6b7785;font-size:10px}svg .axis{fill:#444}svg .val{fill:#555;font-size:10px}
-.grid2{display:grid;grid-template-columns:repeat(auto-fill,minmax(450px,1fr));gap:6px}
-figure{margin:4px 0}figcaption{color:#6b7785;font-size:12px;text-align:center}
-.chart{overflow-x:auto}
-.swatch{display:inline-block;width:11px;height:11px;border-radius:2px;margin:0 4px 0 8px;
-vertical-align:-1px}
-.thumbrow{display:flex;align-items:center;border-top:1px solid #eceef1;padding:6px 0}
-.thumblabel{width:150px;font-weight:600;word-break:break-all;padding-right:10px}
-.thumbs{display:flex;flex-wrap:wrap;gap:6px}
-.thumbs img{border:3px solid #999;border-radius:3px;display:block}
-pre{background:#f6f7f9;padding:10px;border-radius:6px;overflow-x:auto;font-size:12px}
-details summary{cursor:pointer;color:#36597a;margin:6px 0}
-"""
+
 
 
 def duplicate_row(image) -> dict:
@@ -616,10 +426,7 @@ def duplicate_row(image) -> dict:
             "label_conflict": bool(image.label_conflict)}
 
 
-def write_report(path: str, page: str) -> None:
-    """Writes the page to `path` (local or gs://)."""
-    with FileSystems.create(path, mime_type="text/html") as handle:
-        handle.write(page.encode("utf-8"))
+write_report = html_page.write_page
 
 
 def shards_in_reading_order(manifest: Manifest) -> list[tuple[str, str]]:
