@@ -18,21 +18,13 @@ from pipelines.contract import record_index
 from pipelines.contract.manifest import read_manifest
 from pipelines.dataset import GrainSource, ImageShards, TorchDataset, epoch_order
 from pipelines.dataset.order import uniform_schedule
-from tests import corpus
+from tests.support.corpus_output import preprocess_corpus
 from tests.support.gcs_emulator import GcsEmulator
 
 
 @pytest.fixture(scope="module")
 def prep(tmp_path_factory):
-    raw = tmp_path_factory.mktemp("raw")
-    corpus.write_corpus(raw)
-    output = tmp_path_factory.mktemp("prep") / "out"
-    subprocess.run(
-        [sys.executable, "-m", "pipelines.preprocess", "--input", str(raw), "--output",
-         str(output), "--image_size", "32,48", "--num_shards", "3", "--no_progress",
-         *corpus.ERROR_BUDGET_ARGS],
-        check=True, capture_output=True)
-    return str(output)
+    return preprocess_corpus(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

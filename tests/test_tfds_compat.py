@@ -6,32 +6,21 @@ once for the module, read with the real tensorflow-datasets package.
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from pipelines.contract import manifest as manifest_lib
 from pipelines.contract import records, tfds_metadata
 from pipelines.contract.manifest import read_manifest
 from pipelines.dataset import ImageShards
-from tests import corpus
-
-tfds = pytest.importorskip("tensorflow_datasets")
+from tests.support.corpus_output import preprocess_corpus
 
 
 @pytest.fixture(scope="module")
 def prep(tmp_path_factory):
-    raw = tmp_path_factory.mktemp("raw")
-    corpus.write_corpus(raw)
-    output = tmp_path_factory.mktemp("prep") / "out"
-    subprocess.run(
-        [sys.executable, "-m", "pipelines.preprocess", "--input", str(raw), "--output",
-         str(output), "--image_size", "32,48", "--num_shards", "2", "--no_progress",
-         *corpus.ERROR_BUDGET_ARGS],
-        check=True, capture_output=True)
-    return str(output)
+    return preprocess_corpus(tmp_path_factory)
 
 
 def expected_features(labels, height, width):
