@@ -312,3 +312,40 @@ def test_dead_letters_over_the_error_budget_fail_the_run_without_a_summary(predi
     assert len(dead) == len(expected["errors"])
     # The claim stays, naming what the run wrote: a rerun may take the folder over.
     assert (tmp_path / "out" / "_IN_PROGRESS").exists()
+
+
+def test_on_the_test_split_s_files_accuracy_is_the_trainer_s(photo_prep, tmp_path):
+    """The trainer's metrics.json against predict over the original files of the test
+    split (its records name them): served accuracy equal, and the accuracy on the stored
+    records apart by no more than the serving disagreements."""
+    import shutil
+
+    from pipelines.contract import records
+    from pipelines.contract.manifest import read_manifest
+    from trainer import config as config_lib
+    from trainer import train
+
+    model_dir = tmp_path / "model"
+    metrics = train.run(config_lib.parse_args(
+        ["--data", str(photo_prep.output), "--model_dir", str(model_dir), "--epochs", "1",
+         "--batch_size", "32", "--model", "linear", "--progress", "off"], {}))
+    manifest = read_manifest(str(photo_prep.output))
+    shards = [str(photo_prep.output / shard.path) for shard in manifest.splits["test"].shards]
+    parsed = [tf.io.parse_single_example(row, {records.SOURCE_ID: tf.io.VarLenFeature(
+        tf.string)}) for row in tf.data.TFRecordDataset(shards)]
+    # The record's first source, as the trainer's serving agreement reads it; copied
+    # byte for byte under its class folder.
+    firsts = [Path(row[records.SOURCE_ID].values[0].numpy().decode()) for row in parsed]
+    for source in firsts:
+        (tmp_path / "test" / source.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, tmp_path / "test" / source.parent.name / source.name)
+    assert command.run(["--model", str(model_dir / "saved_model"), "--input",
+                        str(tmp_path / "test"), "--output", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["evaluation"]["evaluated"] == len(firsts) == (
+        manifest.splits["test"].num_examples)
+    accuracy = summary["evaluation"]["accuracy"]
+    # metrics.json rounds to 5 places; one file of the test split moves accuracy by 1/N.
+    assert accuracy == pytest.approx(metrics["served"]["test"]["accuracy"], abs=1e-5)
+    disagreement = 1 - metrics["serving_agreement"]["test"]["agreement"]
+    assert abs(accuracy - metrics["test"]["accuracy"]) <= disagreement + 1e-5
