@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from google.api_core import exceptions as google_errors
 
+from pipelines.cloud import access
 from pipelines.cloud import deploy as deploy_lib
 from pipelines.contract.errors import UsageError
 
@@ -45,12 +46,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str]) -> tuple[deploy_lib.DeployConfig, bool]:
-    """(the checked config, dry run?). Reads the model pointer; raises UsageError."""
+    """(the checked config, dry run?). Checks the credentials (and, unless a dry run,
+    that Vertex AI answers), reads the model pointer; raises UsageError."""
     from pipelines.prediction.model import resolve_model
 
     args = _parser().parse_args(list(argv))
     if not args.model.startswith("gs://"):
         raise UsageError(f"--model {args.model}: Vertex AI reads models from gs:// only")
+    # Before the first read: the storage client retries a missing credential for minutes.
+    access.preflight(access.cloud_use([args.model],
+                                      vertex_region=None if args.dry_run else args.region))
     saved_model = resolve_model(args.model.rstrip("/"))
     model_id = args.model_id or deploy_lib.model_id_for(
         time.strftime("%Y%m%d-%H%M%S", time.gmtime()))

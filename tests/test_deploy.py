@@ -176,6 +176,14 @@ def test_usage_errors_send_nothing(model_in_bucket, tmp_path, capsys):
     assert "a percentage" in capsys.readouterr().err
 
 
+def test_without_credentials_it_stops_before_reading_anything(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-such-key.json"))
+    assert command.run(["--model", "gs://b/model/saved_model", "--endpoint", "e", "--project",
+                        "p", "--region", "us-central1"]) == 2
+    assert "credentials are needed (gs:// paths and Vertex AI)" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- retrain --deploy_endpoint
 
 RETRAIN = ["--input", "gs://b/raw", "--root", "gs://b/root", "--project", "p", "--region",
