@@ -4,12 +4,14 @@ One real output of the corpus (two labels, a multi-label image, every encoding),
 once for the module, read with the real tensorflow-datasets package.
 """
 
+import dataclasses
 import json
 import shutil
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from google.protobuf import json_format
 
 from pipelines.contract import manifest as manifest_lib
 from pipelines.contract import records, tfds_metadata
@@ -23,11 +25,15 @@ def prep(tmp_path_factory):
     return preprocess_corpus(tmp_path_factory)
 
 
-def expected_features(labels, height, width):
+def expected_features(labels, height, width, image_format="jpeg"):
     """The features, written with TFDS's own classes."""
     text, scalar = tfds.features.Text(), tfds.features.Tensor(shape=(), dtype=np.int64)
+    image = (tfds.features.Tensor(shape=(height, width, 3), dtype=np.uint8,
+                                  encoding=tfds.features.Encoding.BYTES)
+             if image_format == "raw" else
+             tfds.features.Image(shape=(height, width, 3), encoding_format=image_format))
     return tfds.features.FeaturesDict({
-        records.ENCODED: tfds.features.Image(shape=(height, width, 3), encoding_format="jpeg"),
+        records.ENCODED: image,
         records.FORMAT: text,
         records.HEIGHT: scalar,
         records.WIDTH: scalar,
@@ -75,6 +81,17 @@ def test_metadata_is_what_tfds_write_metadata_writes(prep, tmp_path):
     assert read(prep, tfds_metadata.LABEL_NAMES) == read(shards, tfds_metadata.LABEL_NAMES)
     assert set(tfds_metadata.FILES) <= set(manifest_lib.OUTPUT_ENTRIES)
     assert set(tfds_metadata.FILES) <= set(manifest.entries)
+
+
+@pytest.mark.parametrize("image_format", ["jpeg", "png", "raw"])
+def test_features_of_every_stored_format_are_tfds_own(prep, image_format):
+    manifest = read_manifest(prep)
+    stored = dataclasses.replace(manifest, image=dataclasses.replace(
+        manifest.image, format=image_format, height=7, width=5))
+    features = expected_features(list(manifest.labels), 7, 5, image_format)
+    # What FeatureConnector.save_config writes to features.json.
+    assert tfds_metadata.features_json(stored) == json_format.MessageToDict(
+        features.to_proto())
 
 
 def test_builder_from_directory_loads_the_output(prep):
