@@ -10,9 +10,18 @@ reads; Pillow and NumPy decode. `TorchDataset` and `GrainSource` adapt it to PyT
 and Grain. Importing this package never imports TensorFlow (a test blocks the import).
 """
 
-from pipelines.dataset.adapters import GrainSource, TorchDataset, batchable
+from pipelines.dataset.adapters import GrainSource, batchable
 from pipelines.dataset.order import epoch_order
 from pipelines.dataset.reader import ImageShards, decode_image, example_from_record
+
+
+def __getattr__(name: str):
+    if name == "TorchDataset":  # loads torch when it is installed: only when asked for
+        from pipelines.dataset.torch_adapter import TorchDataset
+
+        return TorchDataset
+    raise AttributeError(name)
+
 
 __all__ = ["GrainSource", "ImageShards", "TorchDataset", "batchable", "decode_image",
            "epoch_order", "example_from_record"]

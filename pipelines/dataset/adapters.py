@@ -6,9 +6,9 @@ default `transform` (`batchable`) makes every field fixed-size, which batching n
 the labels become a multi-hot float32 vector, the source uris (a list of any length)
 are left out (`ImageShards` has them).
 
-PyTorch is not a dependency (its wheels are gigabytes): `TorchDataset` subclasses
-`torch.utils.data.Dataset` when torch is installed, and is a plain class with the same
-contract when it is not.
+PyTorch is not a dependency (its wheels are gigabytes): `TorchDataset`
+(`torch_adapter.py`, imported only when asked for) subclasses `torch.utils.data.Dataset`
+when torch is installed, and is a plain class with the same contract when it is not.
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ def batchable(example: Example, num_classes: int) -> dict[str, Any]:
             "labels": multi_hot, "sha256": example["sha256"]}
 
 
-class _MapStyle:
+class MapStyle:
+    """`shards` as a map-style source: len, and `transform(shards[i])` (default
+    `batchable`)."""
+
     def __init__(self, shards: ImageShards,
                  transform: Callable[[Example], Any] | None = None):
         self.shards = shards
@@ -49,20 +52,6 @@ class _MapStyle:
         return f"{type(self).__name__}({self.shards!r})"
 
 
-def _torch_dataset_class() -> type:
-    try:
-        from torch.utils.data import Dataset
-    except ImportError:
-        return object
-    return Dataset
-
-
-class TorchDataset(_MapStyle, _torch_dataset_class()):
-    """A map-style `torch.utils.data.Dataset` over `shards`: `DataLoader(TorchDataset(
-    ImageShards(uri, "train")), batch_size=..., shuffle=True, num_workers=...)` gives
-    batches of `batchable` examples (images as uint8 [B, H, W, 3] tensors)."""
-
-
-class GrainSource(_MapStyle):
+class GrainSource(MapStyle):
     """A `grain.RandomAccessDataSource` over `shards` (`grain.MapDataset.source(...)`,
     or `grain.DataLoader(data_source=...)`)."""
