@@ -50,8 +50,8 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (0, "done (retrain: also when the candidate was rejected or nothing was new)"),
     (1, "the run failed: a pipeline or training error, over --max_error_rate, no image "
         "written, the output's claim taken over, or a step of run/retrain failed"),
-    (2, "usage error, or refused before anything was touched (input missing, output not "
-        "ours or in use)"),
+    (2, "usage error, or refused before anything was touched (no Google Cloud credentials "
+        "or an endpoint that does not answer, input missing, output not ours or in use)"),
     (130, "stopped by Ctrl-C (run --trainer vertex: only the following stops; the job "
           "goes on)"),
     (143, "stopped by SIGTERM (train checkpoints first); the same command resumes"),
