@@ -182,9 +182,11 @@ def _gcloud_adc_file() -> str | None:
 def _credentials_message(use: CloudUse, err: Exception) -> str:
     explicit = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
     if explicit:
-        # google-auth names the file and what is wrong with it, never its contents; keep
-        # only its first line all the same.
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        # google-auth's first argument names the file and what is wrong with it; the
+        # parser's error it may carry as a second one is left out, and so is all but the
+        # first line.
+        first = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
+        reason = first.strip().splitlines()[0] if first.strip() else type(err).__name__
         return (f"Google Cloud credentials are needed ({use.services(os.environ)}) and "
                 f"GOOGLE_APPLICATION_CREDENTIALS={explicit} gives none: {reason}")
     return (f"Google Cloud credentials are needed ({use.services(os.environ)}) and none were found "
