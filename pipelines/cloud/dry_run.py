@@ -195,7 +195,7 @@ def preprocess_lines(config: PreprocessConfig, options: PipelineOptions,
 
 
 RUN_TIME_CHECKS = (
-    "credentials and that the endpoints answer",
+    "where Google Cloud is used: credentials, and that its endpoints answer",
     "what --output holds: nothing, an earlier output of ours (reused, or replaced with "
     "--overwrite) or anything else (refused)",
     "that the input exists and holds images",
