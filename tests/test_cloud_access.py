@@ -17,24 +17,23 @@ ALL = access.CloudUse(gcs=True, dataflow_endpoint="https://dataflow.googleapis.c
                       vertex_region="us-central1")
 
 
-@pytest.fixture
-def no_credentials(tmp_path, monkeypatch):
-    """HOME and gcloud's config in an empty folder; no credential, emulator or proxy
-    variable: what a new user's laptop has before `gcloud auth application-default login`."""
+def new_user_machine(tmp_path, monkeypatch):
+    """HOME and gcloud's config in an empty folder (returned); no credential, emulator,
+    proxy or metadata variable: a laptop before `gcloud auth application-default login`."""
     empty = tmp_path / "empty-home"
     empty.mkdir()
     monkeypatch.setenv("HOME", str(empty))
     monkeypatch.setenv("CLOUDSDK_CONFIG", str(empty))
-    for name in ("GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST", "HTTPS_PROXY",
-                 "https_proxy", "GCE_METADATA_HOST", "GCE_METADATA_IP", "K_SERVICE",
-                 "CLOUD_RUN_JOB"):
+    for name in ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT",
+                 "STORAGE_EMULATOR_HOST", "HTTPS_PROXY", "https_proxy", "GCE_METADATA_HOST",
+                 "GCE_METADATA_IP", "K_SERVICE", "CLOUD_RUN_JOB"):
         monkeypatch.delenv(name, raising=False)
     return empty
 
 
-@pytest.fixture
-def no_network(monkeypatch):
-    """Every connection or name lookup is recorded and refused."""
+def refuse_network(monkeypatch) -> list:
+    """Every connection attempt or name lookup from now on is recorded (the returned list)
+    and refused."""
     attempts: list[object] = []
 
     def refuse(*args, **kwargs):
@@ -44,6 +43,16 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     return attempts
+
+
+@pytest.fixture
+def no_credentials(tmp_path, monkeypatch):
+    return new_user_machine(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    return refuse_network(monkeypatch)
 
 
 def closed_port() -> int:

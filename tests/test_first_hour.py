@@ -31,6 +31,8 @@ from tests.test_cloud_access import (
     FAKE_CLIENT_SECRET,
     FAKE_REFRESH_TOKEN,
     closed_port,
+    new_user_machine,
+    refuse_network,
     write_user_credentials,
 )
 
@@ -57,34 +59,14 @@ SETUP = ROOT / "deploy" / "setup.sh"
 
 @pytest.fixture
 def no_cloud(tmp_path, monkeypatch):
-    """A new user's machine: empty HOME and gcloud config, no credential, emulator or proxy
-    variable. Returns the empty folder."""
-    empty = tmp_path / "empty-home"
-    empty.mkdir()
-    monkeypatch.setenv("HOME", str(empty))
-    monkeypatch.setenv("CLOUDSDK_CONFIG", str(empty))
-    for name in ("GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST", "HTTPS_PROXY",
-                 "https_proxy", "GCE_METADATA_HOST", "GCE_METADATA_IP", "K_SERVICE",
-                 "CLOUD_RUN_JOB", "GOOGLE_CLOUD_PROJECT"):
-        monkeypatch.delenv(name, raising=False)
+    """A new user's machine (test_cloud_access.new_user_machine), working in tmp_path."""
     monkeypatch.chdir(tmp_path)
-    return empty
+    return new_user_machine(tmp_path, monkeypatch)
 
 
 @pytest.fixture
 def no_network(monkeypatch):
-    """Every connection attempt or name lookup is recorded and refused."""
-    import socket
-
-    attempts: list[object] = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("network disabled by the test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    return attempts
+    return refuse_network(monkeypatch)
 
 
 def _call(entry, argv, capfd) -> tuple[int, str, str, float]:
