@@ -95,6 +95,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     if dry_run:
         plan = deploy_lib.dry_run_plan(config)
         print(json.dumps(plan.to_json(), indent=2))
+        if plan.create_endpoint is not None:
+            print(f"[deploy] CreateEndpointRequest goes only if no endpoint in "
+                  f"{config.region} is named {config.endpoint!r}; if one is, the model joins "
+                  f"it with {config.traffic}% of its traffic (a dry run does not look)",
+                  file=sys.stderr)
         if not plan.split_complete:
             print(f"[deploy] the models on {config.endpoint} will share the other "
                   f"{100 - config.traffic}% as they share its traffic now (read when "

@@ -154,6 +154,7 @@ def test_dry_run_prints_requests_that_parse_back_strictly(model_in_bucket, capsy
         .machine_type == "n1-standard-2"
     # This TensorFlow is newer than the prebuilt server's: the user is told.
     assert "may not load every op" in printed.err
+    assert "only if no endpoint in europe-west4 is named 'imagebeam'" in printed.err
 
     # An endpoint given by ID exists: no create request; its split is read when deploying.
     assert command.run([*args[:3], "1234", *args[4:], "--traffic", "10"]) == 0
