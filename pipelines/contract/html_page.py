@@ -13,7 +13,6 @@ import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
-from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
 SERIES_COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#76b7b2", "#edc948",
@@ -153,6 +152,46 @@ def column_chart(
     return "".join(parts)
 
 
+def line_chart(xs: Sequence[float], series: Mapping[str, Sequence[float | None]],
+               x_label: str, y_label: str, width: int = 440, height: int = 240) -> str:
+    """One polyline per series over shared x values (None or NaN: left out), a legend."""
+    values = [v for vs in series.values() for v in vs if v is not None and math.isfinite(v)]
+    if not xs or not values:
+        return '<p class="muted">no data</p>'
+    left, bottom, top, right = 48, 40, 24, 12
+    plot_w, plot_h = width - left - right, height - bottom - top
+    peak = _nice_max(max(values))
+    low, span = min(xs), (max(xs) - min(xs)) or 1
+
+    def point(x, y):
+        return left + plot_w * (x - low) / span, top + plot_h * (1 - y / peak)
+
+    parts = [_svg_open(width, height, f"{y_label} by {x_label}")]
+    for tick in range(5):
+        y = top + plot_h * (1 - tick / 4)
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}" '
+                     f'class="grid"/><text x="{left - 4}" y="{y + 3:.1f}" class="tick" '
+                     f'text-anchor="end">{compact_number(peak * tick / 4)}</text>')
+    for x in xs:
+        parts.append(f'<text x="{point(x, 0)[0]:.1f}" y="{top + plot_h + 14}" class="tick" '
+                     f'text-anchor="middle">{compact_number(x)}</text>')
+    for i, (name, ys) in enumerate(series.items()):
+        colour = SERIES_COLOURS[i % len(SERIES_COLOURS)]
+        points = [point(x, y) for x, y in zip(xs, ys, strict=True)
+                  if y is not None and math.isfinite(y)]
+        path = " ".join(f"{px:.1f},{py:.1f}" for px, py in points)
+        parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" '
+                     f'stroke-width="2"><title>{escape(name)}</title></polyline>')
+        parts.extend(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="2.5" fill="{colour}"/>'
+                     for px, py in points)
+        parts.append(f'<rect x="{left + 8 + i * 110}" y="6" width="12" height="12" '
+                     f'fill="{colour}"/><text x="{left + 24 + i * 110}" y="16" '
+                     f'class="legend">{escape(name)}</text>')
+    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 6}" class="axis" '
+                 f'text-anchor="middle">{escape(x_label)}</text></svg>')
+    return "".join(parts)
+
+
 def _svg_open(width: int, height: int, title: str) -> str:
     return (f'<svg width="{width}" height="{height}" '
             f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">')
@@ -205,6 +244,9 @@ def image_data_uri(image: Image.Image, side: int, quality: int = 85) -> str:
 
 def write_page(path: str, text: str) -> None:
     """Writes the page to `path` (local or gs://)."""
+    # Imported here: the trainer renders pages too and need not load Beam to do so.
+    from apache_beam.io.filesystems import FileSystems
+
     with FileSystems.create(path, mime_type="text/html") as handle:
         handle.write(text.encode("utf-8"))
 
