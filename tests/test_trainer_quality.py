@@ -116,8 +116,10 @@ def test_served_model_computes_what_training_computed(photo_prep, tmp_path, weig
     model = make_model("mobilenet_v3_small", IMAGE, len(spec.labels), norm["mean"],
                        norm["std"], weights=weights)
     train.warm_start(model, str(model_dir / "checkpoints"))  # the trained weights
+    # The signature's pixels: decode, resize, then the shards' JPEG round trip.
     images = np.stack([imaging_tf.process_image(tf.constant(b), (64, 64), ResizeMode(spec.resize),
-                                                spec.max_pixels).numpy() for b in blobs])
+                                                spec.max_pixels, spec.image_format,
+                                                spec.jpeg_quality).numpy() for b in blobs])
     serve = tf.saved_model.load(str(model_dir / "saved_model")).signatures["serving_default"]
     served = serve(image_bytes=tf.constant(blobs))["probabilities"].numpy()
     np.testing.assert_allclose(served, model.predict(images, verbose=0), atol=1e-5)
