@@ -118,14 +118,15 @@ def test_sigterm_stops_training_at_a_batch_boundary():
     assert keras.config.dtype_policy().name == "float32"  # CPU: no mixed precision
 
 
-def _run_until_checkpoint(command, checkpoint_dir: Path, epochs_done: int, sig: int):
-    """Starts `command`, sends `sig` once `epochs_done` epochs are checkpointed."""
+def _run_until_checkpoint(command, checkpoint_dir: Path, number: int, sig: int):
+    """Starts `command`, sends `sig` once checkpoint `number` (the optimizer's step count
+    when it was made) is written."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     state = checkpoint_dir / "checkpoint"  # CheckpointManager writes it after the data
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
-        if state.exists() and f"ckpt-{epochs_done}\"" in state.read_text().splitlines()[0]:
+        if state.exists() and f"ckpt-{number}\"" in state.read_text().splitlines()[0]:
             process.send_signal(sig)
             break
         time.sleep(0.01)
@@ -137,7 +138,10 @@ def test_resumes_after_a_kill_with_the_same_command(photo_prep, tmp_path):
     command = [sys.executable, "-m", "trainer.task", "--data", str(photo_prep.output),
                "--model_dir", str(tmp_path), "--epochs", "3", "--batch_size", "4",
                "--model", "small_cnn", "--progress", "off"]
-    code, output = _run_until_checkpoint(command, tmp_path / "checkpoints", 1, signal.SIGKILL)
+    steps = input_lib.steps_per_epoch(
+        _manifest(photo_prep.output).splits["train"].num_examples, 4)
+    code, output = _run_until_checkpoint(command, tmp_path / "checkpoints", steps,
+                                         signal.SIGKILL)
     assert code == -signal.SIGKILL, output
     assert not (tmp_path / "metrics.json").exists()
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -204,12 +208,13 @@ def test_checkpoints_of_other_data_are_set_aside_and_training_starts_fresh(
             ) in caplog.text
     assert metrics["resumed_from_epoch"] == 0 and metrics["epochs"] == 2
     assert [row["epoch"] for row in metrics["history"]] == [1, 2]
-    assert metrics["warm_started_from"] == f"{saved}/previous/ckpt-1"
+    one_epoch = f"ckpt-{first['steps_per_epoch']}"  # numbered by the optimizer's steps
+    assert metrics["warm_started_from"] == f"{saved}/previous/{one_epoch}"
     assert metrics["data_fingerprint"] != first["data_fingerprint"]
     assert json.loads((saved / "previous" / "data.json").read_text())["fingerprint"] == (
         first["data_fingerprint"])
     assert sorted(p.name for p in (saved / "previous").iterdir()) == [
-        "checkpoint", "ckpt-1.data-00000-of-00001", "ckpt-1.index", "data.json"]
+        "checkpoint", f"{one_epoch}.data-00000-of-00001", f"{one_epoch}.index", "data.json"]
 
     caplog.clear()  # the same data again: resumed (all epochs done: evaluate and export)
     again = _train_linear(other, model_dir, "--epochs", "2")
@@ -226,3 +231,30 @@ def test_metrics_say_how_often_serving_the_original_files_agrees(trained, photo_
         assert result["accuracy_on_stored"] == pytest.approx(metrics[split]["accuracy"],
                                                              abs=1e-4)
     assert metrics["warnings"] == agreement.warnings_for(metrics["serving_agreement"])
+
+
+def test_the_report_has_every_section_and_the_wrong_images(trained):
+    from trainer import report
+    model_dir, metrics = trained
+    page = (model_dir / "report.html").read_text()
+    assert metrics["report"] == f"{model_dir}/report.html"
+    for key, title in report.SECTIONS:
+        assert f'<section id="{key}"><h2>{title}</h2>' in page, key
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    # One thumbnail per wrong test prediction (at most MAX_WRONG), each with its labels.
+    matrix = np.array(metrics["test"]["confusion_matrix"])
+    wrong = min(int(matrix.sum() - np.trace(matrix)), report.MAX_WRONG)
+    assert page.count('<img src="data:image/jpeg;base64,') == wrong
+    assert page.count("<figcaption>predicted <b>") == wrong
+    assert page.count("<polyline") == 4  # loss, val_loss, accuracy, val_accuracy
+    assert set(metrics["timings"]) >= {"setup_and_train_s", "evaluate_s", "export_s",
+                                       "total_s"}
+
+
+def test_confidently_wrong_orders_by_the_wrong_label_s_probability():
+    from trainer.report import confidently_wrong
+    probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.95, 0.05]])
+    labels = np.array([0, 0, 1, 0, 1])  # wrong: 1 (0.8), 2 (0.6), 3 (0.7), 4 (0.95)
+    assert confidently_wrong(probabilities, labels) == [4, 1, 3, 2]
+    assert confidently_wrong(probabilities, labels, limit=2) == [4, 1]
+    assert confidently_wrong(probabilities[:1], labels[:1]) == []

@@ -3,10 +3,13 @@ the served model; a freeze-then-fine-tune schedule; class weights; per-class eva
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -92,13 +95,16 @@ def _stored_test_images(prep: Path) -> tuple[list[bytes], input_lib.DataSpec]:
     return [records.parse_example(r.numpy())[records.ENCODED][0] for r in raw], spec
 
 
-@pytest.mark.parametrize("weights", ["none", "file"])
-def test_served_model_computes_what_training_computed(photo_prep, tmp_path, weights):
-    flags = ["--epochs", "1"]
+# Each --weights kind with an --augment that changes train batches (strong mixes labels):
+# augmentation lives in the train input only, so serving must equal the trained model.
+@pytest.mark.parametrize("weights,augment", [("none", "strong"), ("file", "light")])
+def test_served_model_computes_what_training_computed(photo_prep, tmp_path, weights, augment):
+    flags = ["--epochs", "1", "--augment", augment]
     if weights == "file":
         path, _ = _weights_file(tmp_path)
         weights = str(path)
-        flags = ["--epochs", "2", "--freeze_epochs", "1", "--class_weight", "balanced"]
+        flags = ["--epochs", "2", "--freeze_epochs", "1", "--class_weight", "balanced",
+                 "--augment", augment]
     model_dir = tmp_path / "model"
     config = config_lib.parse_args(
         ["--data", str(photo_prep.output), "--model_dir", str(model_dir), "--batch_size",
@@ -106,6 +112,8 @@ def test_served_model_computes_what_training_computed(photo_prep, tmp_path, weig
          *flags], {})
     metrics = train.run(config)
     assert metrics["epochs"] == config.epochs and metrics["weights"] == weights
+    assert metrics["augment"] == list(config_lib.parse_augment(augment))
+    assert metrics["exported_epoch"] == config.epochs  # no --early_stopping: the last
     test = metrics["test"]
     assert list(test["per_class"]) == metrics["labels"]
     assert sum(map(sum, test["confusion_matrix"])) == sum(
@@ -226,3 +234,111 @@ def test_soft_and_sparse_labels_give_the_same_loss_and_accuracy():
         metric = augment.SoftOrSparseAccuracy()
         metric.update_state(labels, probabilities)
         assert float(metric.result()) == 0.5
+
+
+def test_early_stopping_keeps_the_best_epoch_through_a_checkpoint(tmp_path):
+    from trainer import checkpoints, distribute
+    model = make_model("linear", (8, 8, 3), 2, np.zeros(3), np.ones(3))
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.optimizer.build(model.trainable_variables)
+    runtime = distribute.setup("off", "off")
+    trained_on = checkpoints.TrainedOn("linear", ("a", "b"), "8x8 png squash", "s", "i")
+
+    def state():
+        made = checkpoints.TrainingState(model, str(tmp_path), runtime, trained_on,
+                                         keep_best=True)
+        return made, made.restore()
+
+    first, _ = state()
+    history: list[dict] = []
+    best = train.BestEpoch(first, history, patience=2)
+    dense = model.get_layer("probabilities")
+    weights_of = {}
+    for epoch, val_loss in enumerate([1.0, 0.5, 0.7, 0.8, 0.1]):
+        dense.kernel.assign(np.full(dense.kernel.shape, epoch + 1.0, np.float32))
+        weights_of[epoch + 1] = dense.kernel.numpy().copy()
+        best.on_epoch_end(epoch, {"val_loss": val_loss})
+        history.append({"epoch": epoch + 1, "val_loss": val_loss})
+        first.save(epoch + 1, history)
+        if model.stop_training:
+            break
+    # Epoch 2 was best; epochs 3 and 4 were not better: stop after 4 (patience 2).
+    assert best.stopped_after == 4 and len(history) == 4
+    assert train.best_epoch(history) == (2, 0.5)
+    # A new process: the checkpoint brings the history and the best weights back.
+    dense.kernel.assign(np.zeros(dense.kernel.shape, np.float32))
+    second, restored = state()
+    assert (restored.epoch, restored.step, restored.best_epoch) == (4, 0, 2)
+    np.testing.assert_array_equal(dense.kernel.numpy(), weights_of[4])  # the last epoch
+    assert second.load_best() == 2
+    np.testing.assert_array_equal(dense.kernel.numpy(), weights_of[2])
+
+
+def _sha256s(dataset, batches: int | None = None) -> list[list[str]]:
+    """Per batch, the sha256 of each image's pixels (and its label)."""
+    import hashlib
+    taken = dataset if batches is None else dataset.take(batches)
+    return [[hashlib.sha256(image.tobytes() + bytes([int(np.argmax(label) if np.ndim(label)
+                                                         else label)])).hexdigest()
+             for image, label in zip(images.numpy(), labels.numpy(), strict=True)]
+            for images, labels in taken]
+
+
+def test_a_mid_epoch_resume_sees_each_remaining_record_once_in_the_same_order(photo_prep):
+    spec = input_lib.DataSpec.from_manifest(str(photo_prep.output),
+                                            read_manifest(str(photo_prep.output)))
+    config = config_lib.parse_args(
+        ["--data", str(photo_prep.output), "--model_dir", "unused", "--batch_size", "8",
+         "--seed", "3", "--augment", "light", "--deterministic"], {})
+    epoch, steps = 1, input_lib.steps_per_epoch(spec.num_examples("train"), 8)
+    skip = steps // 2
+    whole = _sha256s(train._train_input(config, spec, epoch, epoch + 1)(None))
+    resumed = _sha256s(train._train_input(config, spec, epoch, epoch + 1, skip)(None))
+    assert len(whole) == steps and len(resumed) == steps - skip
+    # The same batches from the step the checkpoint names, augmented the same way...
+    assert resumed == whole[skip:]
+    # ...and, before the kill and after it, every train record exactly once that epoch.
+    plain = dataclasses.replace(config, augment=())
+    seen = _sha256s(train._train_input(plain, spec, epoch, epoch + 1)(None), skip) + (
+        _sha256s(train._train_input(plain, spec, epoch, epoch + 1, skip)(None)))
+    every = [h for batch in _sha256s(input_lib.eval_dataset(spec, "train", 64)) for h in batch]
+    flat = [h for batch in seen for h in batch]
+    assert sorted(flat) == sorted(every) and len(set(every)) == len(every)
+    # Another epoch is another order.
+    assert _sha256s(train._train_input(plain, spec, epoch + 1, epoch + 2)(None)) != seen
+
+
+def _latest_number(checkpoint_dir: Path) -> int | None:
+    state = checkpoint_dir / "checkpoint"  # CheckpointManager writes it after the data
+    if not state.exists() or not state.read_text():
+        return None
+    return int(state.read_text().splitlines()[0].split("ckpt-")[1].rstrip('"'))
+
+
+def test_a_run_killed_mid_epoch_resumes_at_that_step(photo_prep, tmp_path):
+    command = [sys.executable, "-m", "trainer.task", "--data", str(photo_prep.output),
+               "--model_dir", str(tmp_path), "--epochs", "1", "--batch_size", "8",
+               "--model", "small_cnn", "--augment", "none", "--progress", "off",
+               "--steps_per_execution", "1", "--checkpoint_every", "4"]
+    spec = input_lib.DataSpec.from_manifest(str(photo_prep.output),
+                                            read_manifest(str(photo_prep.output)))
+    steps = input_lib.steps_per_epoch(spec.num_examples("train"), 8)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if _latest_number(tmp_path / "checkpoints"):  # the first, at step 4 of epoch 1
+            process.kill()
+            break
+        time.sleep(0.005)
+    stderr = process.communicate(timeout=60)[1].decode()
+    assert process.returncode == -signal.SIGKILL, stderr
+    killed_at = _latest_number(tmp_path / "checkpoints")
+    epoch, step = divmod(killed_at, steps)
+    assert step, f"checkpoint {killed_at} is an epoch end: the kill came too late"
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert f"resuming at step {step} of epoch 1 of 1" in finished.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert epoch == 0 and metrics["resumed_from"] == {"epoch": 0, "step": step}
+    # The epoch's row: only the steps the resumed run trained.
+    assert [(row["epoch"], row["steps"]) for row in metrics["history"]] == [(1, steps - step)]

@@ -154,16 +154,44 @@ def _our_files(directory: str) -> list[str]:
     return found
 
 
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """Where a run resumes: `epoch` epochs completed and `step` train steps of the next
+    (0 at an epoch end), their history, and the epoch whose weights `best` holds (0: none)."""
+
+    epoch: int = 0
+    step: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    best_epoch: int = 0
+
+
 class TrainingState:
-    """Model, optimizer, completed epochs and history in one checkpoint, resumed only on
-    the data and model it was made with."""
+    """Model, optimizer, completed epochs, steps into the next epoch, history and (with
+    `keep_best`) a copy of the best epoch's weights, in one checkpoint, resumed only on
+    the data and model it was made with.
+
+    Checkpoints are numbered by the optimizer's step count, so epoch ends and mid-epoch
+    checkpoints sort in the order they were made. The best weights live in the same
+    checkpoint as the rest, so a kill can never leave them out of step with the history
+    that says which epoch they are.
+    """
 
     def __init__(self, model: keras.Model, directory: str, runtime: distribute.Runtime,
-                 trained_on: TrainedOn):
+                 trained_on: TrainedOn, keep_best: bool = False):
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.best_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.history = tf.Variable("[]", dtype=tf.string, trainable=False)
+        self.model = model
+        self.best: list[tf.Variable] = []
+        if keep_best:
+            with runtime.strategy.scope():
+                self.best = [tf.Variable(tf.identity(getattr(w, "value", w)), trainable=False)
+                             for w in model.weights]
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer,
-                                              epoch=self.epoch, history=self.history)
+                                              epoch=self.epoch, step=self.step,
+                                              history=self.history,
+                                              best_epoch=self.best_epoch, best=self.best)
         self.directory = directory.rstrip("/")
         self.trained_on = trained_on
         # Every worker saves (variables may need collectives); only the chief's copy stays.
@@ -174,10 +202,10 @@ class TrainingState:
         self._manager: tf.train.CheckpointManager | None = None
         self._is_chief = runtime.is_chief
 
-    def restore(self) -> tuple[int, list[dict]]:
-        """(completed epochs, their history) from the latest checkpoint, or (0, []) when
-        there is none or it was trained on other data or another model: then the chief
-        sets those checkpoints aside (one log line says so) and records `trained_on`."""
+    def restore(self) -> Restored:
+        """Where the latest checkpoint left off, or Restored() when there is none or it
+        was trained on other data or another model: then the chief sets those
+        checkpoints aside (one log line says so) and records `trained_on`."""
         latest = tf.train.latest_checkpoint(self.directory)
         recorded = read_record(self.directory)
         if latest is not None and recorded == self.trained_on:
@@ -186,7 +214,9 @@ class TrainingState:
             except (AssertionError, ValueError, tf.errors.OpError) as err:
                 raise RuntimeError(f"{latest} does not fit this model ({err}); "
                                    "use a fresh --model_dir or the same flags as before") from err
-            return int(self.epoch.numpy()), json.loads(self.history.numpy().decode())
+            best = int(self.best_epoch.numpy()) if self.best else 0
+            return Restored(int(self.epoch.numpy()), int(self.step.numpy()),
+                            json.loads(self.history.numpy().decode()), best)
         if latest is not None:
             why = ", ".join(self.trained_on.differences(recorded)) if recorded else (
                 "no readable data.json")
@@ -197,14 +227,32 @@ class TrainingState:
                         "(differs: %s); starting fresh%s", self.directory, why, where)
         if self._is_chief and read_record(self.directory) != self.trained_on:
             write_record(self.directory, self.trained_on)
-        return 0, []
+        return Restored()
 
-    def save(self, epochs_done: int, history: list[dict]) -> None:
+    def keep_as_best(self, epoch: int) -> None:
+        """Copies the model's weights as those of `epoch` (saved with the next save);
+        records only the epoch when made without `keep_best`."""
+        for kept, weight in zip(self.best, self.model.weights if self.best else (),
+                                strict=True):
+            kept.assign(getattr(weight, "value", weight))
+        self.best_epoch.assign(epoch)
+
+    def load_best(self) -> int:
+        """Sets the model's weights to the best epoch's; returns that epoch (0: none kept)."""
+        epoch = int(self.best_epoch.numpy()) if self.best else 0
+        if epoch:
+            for kept, weight in zip(self.best, self.model.weights, strict=True):
+                weight.assign(kept)
+        return epoch
+
+    def save(self, epochs_done: int, history: list[dict], step: int = 0) -> None:
+        """Checkpoints `epochs_done` completed epochs and `step` steps of the next."""
         self.epoch.assign(epochs_done)
+        self.step.assign(step)
         self.history.assign(json.dumps(history))
         if self._manager is None:
             self._manager = tf.train.CheckpointManager(self.checkpoint, self._write_dir,
                                                        max_to_keep=2)
-        self._manager.save(checkpoint_number=epochs_done)
+        self._manager.save(checkpoint_number=int(self.model.optimizer.iterations.numpy()))
         if not self._is_chief:
             tf.io.gfile.rmtree(self._write_dir)

@@ -34,6 +34,7 @@ the first, a manifest label id.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -242,6 +243,7 @@ def train_dataset(
     deterministic: bool = False,
     split: str = "train",
     epoch_aligned: bool = False,
+    epochs: int | None = None,
     skip_batches: int = 0,
     augment: Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tuple] | None = None,
 ) -> tf.data.Dataset:
@@ -251,13 +253,13 @@ def train_dataset(
     by the shuffle buffer (bytes), the read buffers and a few batches in flight, never
     by the number of examples (unless `cache` is "memory").
 
-    epoch_aligned: every epoch is its own batches (shuffled within the epoch, seeded by
-      (seed, epoch); the last batch of an epoch is short), so epoch e's batch k is the
-      same whatever epoch the run started in, and `skip_batches` (only with this, without
-      `cache`) drops the first batches of `start_epoch` before they are decoded: a run
-      resumed mid-epoch sees exactly the remaining records of that epoch, in the same
-      order. Without it batches run across epoch ends with a fixed shape (what several
-      replicas need: equal shares, one XLA compilation).
+    epoch_aligned: `epochs` epochs (then the batches end), each its own batches (shuffled
+      within the epoch, seeded by (seed, epoch); the last batch of an epoch is short), so
+      epoch e's batch k is the same whatever epoch the run started in, and `skip_batches`
+      (only with this, without `cache`) drops the first batches of `start_epoch` before
+      they are decoded: a run resumed mid-epoch sees exactly the remaining records of
+      that epoch, in the same order. Without it batches run across epoch ends with a
+      fixed shape (what several replicas need: equal shares, one XLA compilation).
     augment: (images, labels, global batch number int64) -> (images, labels), mapped
       over decoded batches; the number counts from epoch 0, batch 0 of the run.
     """
@@ -278,12 +280,17 @@ def train_dataset(
     # switch to 512 px images does not quietly multiply its memory; at most an epoch.
     buffer = max(1, min(examples, int(shuffle_buffer_bytes / spec.record_bytes(split))))
     if cache == "none" and epoch_aligned:
-        def epoch_batches(epoch):
-            return one_epoch(epoch).shuffle(buffer, seed=seed * 1_000_003 + epoch).batch(
-                batch_size)
-
-        batches = (tf.data.Dataset.counter(start_epoch).flat_map(epoch_batches)
+        if not epochs:
+            raise ValueError("epoch_aligned batches need a number of epochs")
+        # One pipeline per epoch, concatenated: tf.data's shuffle takes a tensor seed
+        # inside a flat_map, but not once a global seed of 0 is set (Keras'
+        # set_random_seed(0)): Python ints work with every seed.
+        batches = (functools.reduce(tf.data.Dataset.concatenate, [
+            one_epoch(epoch).shuffle(buffer, seed=seed * 1_000_003 + epoch).batch(batch_size)
+            for epoch in range(start_epoch, start_epoch + epochs)])
                    .skip(skip_batches)  # still serialized: skipped batches are never decoded
+                   # Known length: Keras ends the epoch with the data, no "ran out" warning.
+                   .apply(tf.data.experimental.assert_cardinality(steps * epochs - skip_batches))
                    .map(parse, num_parallel_calls=AUTOTUNE, deterministic=deterministic))
     elif cache == "none":
         records_ = tf.data.Dataset.counter(start_epoch).flat_map(one_epoch)

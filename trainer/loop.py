@@ -138,6 +138,8 @@ class DistributedTrainer:
                       file=sys.stderr, flush=True)
             for callback in callbacks:
                 callback.on_epoch_end(epoch, logs)
+            if getattr(self.model, "stop_training", False):  # early stopping, as in fit
+                break
 
     def evaluate(self, dataset: tf.data.Dataset) -> dict[str, float]:
         """{"loss", "accuracy"} over every batch of `dataset`, on this worker alone: the

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import resource
 import signal
@@ -33,10 +34,13 @@ from tensorflow.core.framework import summary_pb2
 from pipelines.contract.manifest import ManifestError, read_manifest
 from pipelines.contract.transform_output import normalization_from_transform_output
 from trainer import agreement, checkpoints, distribute, loop, quiet, serving
+from trainer import augment as augment_lib
 from trainer import evaluation as evaluation_lib
 from trainer import input as input_lib
-from trainer.config import TrainConfig, UsageError
+from trainer import report as report_lib
+from trainer.config import CHECKPOINT_SECONDS, TrainConfig, UsageError
 from trainer.model import WeightsUnavailable, make_model
+from trainer.schedule import Phase, PhasedSchedule, phases  # noqa: F401 (Phase: tests)
 
 log = logging.getLogger(__name__)
 _SAVED_MODEL_ENTRIES = ("saved_model.pb", "fingerprint.pb", "variables", "assets")
@@ -73,29 +77,6 @@ def balanced_class_weights(counts: list[int]) -> dict[int, float]:
     return {i: (total / (classes * count) if count else 0.0) for i, count in enumerate(counts)}
 
 
-@dataclasses.dataclass(frozen=True)
-class Phase:
-    """Epochs [start, end) trained with the backbone frozen or not, at one learning rate."""
-
-    start: int
-    end: int
-    frozen: bool
-    learning_rate: float
-
-
-def phases(config: TrainConfig) -> list[Phase]:
-    """The fine-tuning schedule: --freeze_epochs with the backbone frozen at
-    --learning_rate, then the rest unfrozen (--unfreeze) at --fine_tune_learning_rate.
-    Without --freeze_epochs, one phase of every epoch at --learning_rate."""
-    freeze = min(config.freeze_epochs, config.epochs)
-    if not freeze:
-        return [Phase(0, config.epochs, False, config.learning_rate)]
-    tuned = (config.fine_tune_learning_rate if config.fine_tune_learning_rate is not None
-             else config.learning_rate / 10)
-    return [p for p in (Phase(0, freeze, True, config.learning_rate),
-                        Phase(freeze, config.epochs, False, tuned)) if p.end > p.start]
-
-
 def set_backbone_trainable(model: keras.Model, frozen: bool, unfreeze: int | None) -> None:
     """Freezes the layer named `backbone`, or unfreezes it (only its top `unfreeze`
     layers when given). The caller recompiles: Keras reads trainability at compile."""
@@ -120,35 +101,96 @@ def load_normalization(spec: input_lib.DataSpec) -> dict:
 
 
 class EpochRecorder(keras.callbacks.Callback):
-    """Per completed epoch: throughput, peak memory, history row, checkpoint.
+    """Per completed epoch: throughput, peak memory, history row, checkpoint; inside an
+    epoch, a checkpoint every `checkpoint_every` steps, or every `checkpoint_seconds` of
+    training when that is None (`mid_epoch` False: epoch ends only).
 
     Raises Preempted at the first batch boundary after `stop` is set.
     """
 
     def __init__(self, state: checkpoints.TrainingState, history: list[dict], steps: int,
-                 global_batch: int, stop: threading.Event):
+                 global_batch: int, stop: threading.Event, *, mid_epoch: bool = False,
+                 checkpoint_every: int | None = None,
+                 checkpoint_seconds: float = CHECKPOINT_SECONDS):
         super().__init__()
         self._state, self._history, self._steps = state, history, steps
         self._global_batch, self._stop = global_batch, stop
+        self._mid_epoch, self._every, self._seconds = mid_epoch, checkpoint_every, (
+            checkpoint_seconds)
+
+    def _global_step(self) -> int:
+        return int(self._state.model.optimizer.iterations.numpy())
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._started = self._last_batch = time.perf_counter()
+        self._started = self._last_batch = self._saved_at = time.perf_counter()
         self._batches = 0
+        self._epoch = epoch
+        if self._state is not None:
+            self._first_step = self._saved_step = self._global_step()
 
     def on_train_batch_end(self, batch, logs=None):
         self._batches += 1
         self._last_batch = time.perf_counter()
         if self._stop.is_set():
             raise Preempted(f"stopped by SIGTERM in epoch {len(self._history) + 1}")
+        if not self._mid_epoch:
+            return
+        step = self._global_step()
+        in_epoch = step - self._epoch * self._steps
+        due = (step - self._saved_step >= self._every if self._every
+               else self._last_batch - self._saved_at >= self._seconds)
+        if due and 0 < in_epoch < self._steps:
+            self._state.save(self._epoch, self._history, step=in_epoch)
+            self._saved_step, self._saved_at = step, time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
         seconds = self._last_batch - self._started
+        steps = self._global_step() - self._first_step
         row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()},
                "train_seconds": round(seconds, 3),
-               "images_per_s": round(self._steps * self._global_batch / max(seconds, 1e-9), 1),
+               "images_per_s": round(steps * self._global_batch / max(seconds, 1e-9), 1),
                "peak_rss_mb": peak_rss_mb()}
+        if steps != self._steps:  # the rest of an epoch a resumed run began inside
+            row["steps"] = steps
         self._history.append(row)
         self._state.save(epoch + 1, self._history)
+
+
+class BestEpoch(keras.callbacks.Callback):
+    """Keeps the weights of the epoch with the lowest val_loss (with the state, so they
+    are checkpointed with it) and, with `patience`, stops training after that many epochs
+    without a lower one. Runs before EpochRecorder, which saves the state."""
+
+    def __init__(self, state: checkpoints.TrainingState, history: list[dict], patience: int):
+        super().__init__()
+        self._state, self._history, self._patience = state, history, patience
+        self.stopped_after: int | None = None
+
+    def best(self) -> tuple[int, float]:
+        """(epoch, val_loss) of the best epoch in the history so far; (0, inf) if none."""
+        return best_epoch(self._history)
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("val_loss")
+        if loss is None:
+            return
+        best, best_loss = self.best()
+        if float(loss) < best_loss:
+            self._state.keep_as_best(epoch + 1)
+        elif self._patience and epoch + 1 - best >= self._patience:
+            self.stopped_after = epoch + 1
+            # Keras' fit and trainer.loop both stop at the end of this epoch.
+            self._state.model.stop_training = True
+
+
+def best_epoch(history: list[dict]) -> tuple[int, float]:
+    """(epoch, val_loss) of the history row with the lowest val_loss, the earliest of
+    equals; (0, inf) when no row has one."""
+    rows = [(row["val_loss"], row["epoch"]) for row in history if "val_loss" in row]
+    if not rows:
+        return 0, math.inf
+    loss, epoch = min(rows)
+    return epoch, loss
 
 
 class EpochSummaries(keras.callbacks.Callback):
@@ -203,6 +245,7 @@ def stop_on_sigterm():
 
 def run(config: TrainConfig) -> dict:
     """Trains, evaluates and exports as `config` says; returns the metrics it wrote."""
+    clock = {"started": time.perf_counter()}
     runtime = distribute.setup(config.mixed_precision, config.jit,
                                cpu_replicas=config.cpu_replicas)
     spec, trained_on, class_weight = load_data(config)
@@ -219,6 +262,9 @@ def run(config: TrainConfig) -> dict:
         if len(schedule) > 1:
             raise UsageError("--freeze_epochs runs on one replica only; the several-replica "
                              "loop trains one phase")
+        if augment_lib.mixes(config.augment):
+            raise UsageError("--augment with mixup, cutmix or mix (strong) runs on one replica "
+                             "only: the several-replica loop trains on label ids")
     spe = min(config.steps_per_execution, steps)
     with runtime.strategy.scope():
         try:
@@ -226,7 +272,8 @@ def run(config: TrainConfig) -> dict:
                                norm["mean"], norm["std"], weights=config.weights)
         except WeightsUnavailable as err:
             raise UsageError(str(err)) from err
-        optimizer = keras.optimizers.Adam(config.learning_rate)
+        optimizer = keras.optimizers.Adam(PhasedSchedule(schedule, steps, config.lr_schedule,
+                                                         config.warmup_epochs))
         _compile(model, optimizer, runtime.jit, spe)
         # Slots for every variable exist before a restore, also those a frozen phase skips.
         model.optimizer.build(model.trainable_variables)
@@ -234,19 +281,29 @@ def run(config: TrainConfig) -> dict:
     trainer = (loop.DistributedTrainer(model, runtime.strategy, config.batch_size,
                                        class_weight=class_weight)
                if several_replicas else None)
-    state = checkpoints.TrainingState(model, config.checkpoint_dir, runtime, trained_on)
-    resumed_from, history = state.restore()
+    state = checkpoints.TrainingState(model, config.checkpoint_dir, runtime, trained_on,
+                                      keep_best=bool(config.early_stopping))
+    restored = state.restore()
+    resumed_from, history = restored.epoch, restored.history
     warm_started = warm_start(model, _warm_start_source(config)) if (
-        config.warm_start and not resumed_from) else None
-    if resumed_from:
+        config.warm_start and not (resumed_from or restored.step)) else None
+    if restored.step:
+        log.warning("resuming at step %d of epoch %d of %d from %s", restored.step,
+                    resumed_from + 1, config.epochs, config.checkpoint_dir)
+    elif resumed_from:
         log.warning("resuming after epoch %d of %d from %s", resumed_from, config.epochs,
                     config.checkpoint_dir)
+    # Mid-epoch checkpoints need batches that a resume can skip to exactly.
+    mid_epoch = not several_replicas and config.cache == "none"
+    best = BestEpoch(state, history, config.early_stopping)
     has = {split: spec.num_examples(split) > 0 for split in ("validation", "test")}
     if resumed_from < config.epochs:
         validation = (input_lib.eval_dataset(spec, "validation", config.batch_size)
                       if has["validation"] else None)
         with stop_on_sigterm() as stop:
-            callbacks = [EpochRecorder(state, history, steps, config.batch_size, stop)]
+            callbacks = [best, EpochRecorder(state, history, steps, config.batch_size, stop,
+                                             mid_epoch=mid_epoch,
+                                             checkpoint_every=config.checkpoint_every)]
             if runtime.is_chief:
                 callbacks.append(EpochSummaries(config.tensorboard_dir, history))
             progress = sys.stdout.isatty() if config.progress is None else config.progress
@@ -257,37 +314,54 @@ def run(config: TrainConfig) -> dict:
                             verbose=runtime.is_chief, steps_per_execution=spe)
             else:
                 # The phase follows from the completed epoch, so a resumed run picks up the
-                # schedule where the checkpoint left it.
-                for phase in schedule:
-                    if phase.end <= resumed_from:
-                        continue
-                    first = max(phase.start, resumed_from)
-                    if len(schedule) > 1:
+                # schedule where the checkpoint left it (the learning rate follows from the
+                # optimizer's step count). One fit per epoch, on exactly that epoch's
+                # batches: Keras 3 rounds steps_per_epoch up to whole steps_per_execution
+                # calls unless the data ends, and the data ending is what keeps epoch e
+                # exactly its own records (and a resumed epoch exactly the rest of them).
+                current = None
+                for epoch in range(resumed_from, config.epochs):
+                    if best.stopped_after:
+                        break
+                    phase = next(p for p in schedule if p.start <= epoch < p.end)
+                    if len(schedule) > 1 and phase != current:
                         set_backbone_trainable(model, phase.frozen, config.unfreeze)
                         # The same optimizer (its slots and step count are checkpointed).
-                        model.optimizer.learning_rate.assign(phase.learning_rate)
                         _compile(model, model.optimizer, runtime.jit, spe)
-                        log.info("epochs %d-%d: backbone %s, learning rate %g", first + 1,
+                        log.info("epochs %d-%d: backbone %s, peak learning rate %g", epoch + 1,
                                  phase.end, "frozen" if phase.frozen else "unfrozen"
                                  if config.unfreeze is None else
                                  f"top {config.unfreeze} layers unfrozen", phase.learning_rate)
-                    train = _train_input(config, spec, first)(None)
-                    model.fit(train, epochs=phase.end, initial_epoch=first,
-                              steps_per_epoch=steps, validation_data=validation,
-                              callbacks=callbacks, class_weight=class_weight,
+                    current = phase
+                    skip = restored.step if epoch == resumed_from else 0
+                    model.fit(_train_input(config, spec, epoch, epoch + 1, skip)(None),
+                              epochs=epoch + 1, initial_epoch=epoch,
+                              validation_data=validation, callbacks=callbacks,
+                              class_weight=class_weight,
                               shuffle=False,  # the dataset shuffles; Keras cannot shuffle
                               verbose=1 if progress else 2)
-    evaluation = {}
+    exported_epoch = len(history)
+    if config.early_stopping:
+        exported_epoch = state.load_best() or exported_epoch
+    clock["trained"] = time.perf_counter()
+    evaluation, predictions = {}, {}
     for split in ("validation", "test"):
         if has[split]:
             dataset = input_lib.eval_dataset(spec, split, config.batch_size)
+            predictions[split] = _predictions(model, dataset)
             evaluation[split] = {**_rounded(_evaluate(model, trainer, dataset)),
-                                 **evaluation_lib.evaluate(*_predictions(model, dataset),
-                                                           spec.labels)}
+                                 **evaluation_lib.evaluate(*predictions[split], spec.labels)}
+    clock["evaluated"] = time.perf_counter()
     _export(model, spec, config, runtime)
+    clock["exported"] = time.perf_counter()
     metrics = {
         "epochs": len(history),
         "resumed_from_epoch": resumed_from,
+        "resumed_from": {"epoch": resumed_from, "step": restored.step},
+        "best_epoch": best_epoch(history)[0] or None,
+        "exported_epoch": exported_epoch,
+        "early_stopping": {"patience": config.early_stopping,
+                           "stopped_after_epoch": best.stopped_after},
         "warm_started_from": warm_started,
         "labels": list(spec.labels),
         **evaluation,
@@ -298,6 +372,10 @@ def run(config: TrainConfig) -> dict:
         "input_scaling": (f"{config.model} preprocessing" if config.pretrained
                           else "normalization"),
         "schedule": [dataclasses.asdict(p) for p in schedule],
+        "lr_schedule": config.lr_schedule,
+        "warmup_epochs": config.warmup_epochs,
+        "augment": list(config.augment),
+        "checkpoint_every": config.checkpoint_every if mid_epoch else None,
         "unfreeze": config.unfreeze,
         "class_weight": ({spec.labels[i]: round(w, 5) for i, w in class_weight.items()}
                          if class_weight else None),
@@ -317,8 +395,42 @@ def run(config: TrainConfig) -> dict:
     }
     if runtime.is_chief:
         metrics.update(_serving_agreement(model, spec, config, has))
+        metrics["timings"] = _timings(clock)
+        metrics["report"] = f"{config.model_dir}/{report_lib.PATH}"
+        _write_report(metrics, config, spec, predictions.get("test"))
         _write_json(f"{config.model_dir}/metrics.json", metrics)
     return metrics
+
+
+def _timings(clock: dict[str, float]) -> dict[str, float]:
+    """Seconds per stage of run(), from the clock readings taken between them."""
+    now = time.perf_counter()
+    return {"setup_and_train_s": round(clock["trained"] - clock["started"], 2),
+            "evaluate_s": round(clock["evaluated"] - clock["trained"], 2),
+            "export_s": round(clock["exported"] - clock["evaluated"], 2),
+            "serving_agreement_s": round(now - clock["exported"], 2),
+            "total_s": round(now - clock["started"], 2)}
+
+
+def _write_report(metrics: dict, config: TrainConfig, spec: input_lib.DataSpec,
+                  test: tuple[np.ndarray, np.ndarray] | None) -> None:
+    """model_dir/report.html, with the most confidently wrong test images as the model
+    saw them (the stored pixels, read again in evaluation order)."""
+    wrong = []
+    if test is not None:
+        probabilities, labels = test
+        picked = report_lib.confidently_wrong(probabilities, labels)
+        images, start = {}, 0
+        for batch, _ in input_lib.eval_dataset(spec, "test", 256) if picked else ():
+            for i in picked:
+                if start <= i < start + len(batch):
+                    images[i] = batch[i - start].numpy()
+            start += len(batch)
+        wrong = [report_lib.Wrong(images[i], spec.labels[labels[i]],
+                                  spec.labels[int(probabilities[i].argmax())],
+                                  float(probabilities[i].max())) for i in picked]
+    report_lib.write(metrics["report"], report_lib.render(metrics, dataclasses.asdict(config),
+                                                          wrong))
 
 
 def _serving_agreement(model: keras.Model, spec: input_lib.DataSpec, config: TrainConfig,
@@ -336,23 +448,35 @@ def _serving_agreement(model: keras.Model, spec: input_lib.DataSpec, config: Tra
 
 def _compile(model: keras.Model, optimizer: keras.optimizers.Optimizer, jit: bool,
              steps_per_execution: int) -> None:
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"], jit_compile=jit,
+    # Label ids, or label distributions when the augmentation mixes images.
+    model.compile(optimizer=optimizer, loss=augment_lib.soft_or_sparse_crossentropy,
+                  metrics=[augment_lib.SoftOrSparseAccuracy()], jit_compile=jit,
                   steps_per_execution=steps_per_execution)
 
 
-def _train_input(config: TrainConfig, spec: input_lib.DataSpec, start_epoch: int):
+def _train_input(config: TrainConfig, spec: input_lib.DataSpec, start_epoch: int,
+                 end_epoch: int | None = None, skip_batches: int = 0):
     """A function of tf.distribute's InputContext (None: one replica) -> this input
-    pipeline's endless train batches: per-replica batches of its own shards."""
+    pipeline's endless train batches: per-replica batches of its own shards, augmented
+    as --augment says. One replica: epochs start_epoch..end_epoch - 1 epoch-aligned, the
+    first `skip_batches` batches of `start_epoch` skipped (a mid-epoch resume)."""
     def dataset(context: tf.distribute.InputContext | None) -> tf.data.Dataset:
         batch, worker, workers = config.batch_size, 0, 1
         if context is not None:
             batch = context.get_per_replica_batch_size(config.batch_size)
             worker, workers = context.input_pipeline_id, context.num_input_pipelines
+        augment = None
+        if config.augment:
+            augmenter = augment_lib.Augmenter(config.augment, len(spec.labels))
+
+            def augment(images, labels, number):
+                return augmenter(images, labels, augment_lib.batch_seed(config.seed, number))
         return input_lib.train_dataset(
             spec, batch, seed=config.seed, start_epoch=start_epoch,
             shuffle_buffer_bytes=config.shuffle_buffer_bytes, cache=config.cache,
-            worker_index=worker, num_workers=workers, deterministic=config.deterministic)
+            worker_index=worker, num_workers=workers, deterministic=config.deterministic,
+            epoch_aligned=context is None, skip_batches=skip_batches, augment=augment,
+            epochs=None if end_epoch is None else end_epoch - start_epoch)
     return dataset
 
 
