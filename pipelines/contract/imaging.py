@@ -8,7 +8,10 @@ Steps, in order (each mirrored in the serving graph):
 1. Read the header only and refuse declared sizes over `max_pixels`, and JPEGs with
    more than `MAX_JPEG_SCANS` scans, before any pixel is allocated (decompression bombs).
 2. For JPEG, let libjpeg decode at a reduced DCT scale (`draft`) when the target
-   is much smaller: the same antialiasing the resize does, 2-4x cheaper.
+   is much smaller: the same antialiasing the resize does, 2-4x cheaper. YCbCr and
+   grey JPEGs decode through simplejpeg (libjpeg-turbo's TurboJPEG API, without PIL's
+   per-image overhead) to the same pixels as PIL's decoder; PIL decodes everything else
+   and gives the verdict on any file simplejpeg refuses.
 3. Apply the EXIF orientation, so pixels are upright as a person sees them.
 4. Convert to 8-bit RGB: alpha is dropped (as `tf.io.decode_image` does), 16-bit
    gray is scaled, palettes are expanded, CMYK/YCCK converted.
@@ -28,6 +31,7 @@ import io
 import struct
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 # Files users have: what PIL must be able to open. Everything else is refused
@@ -127,6 +131,9 @@ class ProcessedImage:
     # the dataset's mean/std without ever shipping pixels to an analyzer.
     channel_sums: tuple[float, float, float]
     channel_squared_sums: tuple[float, float, float]
+    # `perceptual_hash` of the stored pixels: what the model sees, and the smallest image
+    # at hand.
+    perceptual_hash: int = 0
 
 
 def open_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -196,24 +203,67 @@ def decode_image(
     image = open_header(data, max_pixels)
     source_format = image.format or "UNKNOWN"
     full_w, full_h = image.size
-    if draft_size is not None and source_format in ("JPEG", "MPO"):
+    pixels = None
+    if source_format in ("JPEG", "MPO"):
         # JPEG keeps EXIF in a header segment: reading it here decodes no pixels.
-        transposed = exif_orientation(image) in _TRANSPOSING_ORIENTATIONS
-        want_h, want_w = draft_size
-        image.draft("RGB", (want_h, want_w) if transposed else (want_w, want_h))
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise DecodeError("corrupt_data", str(err)) from err
-    # Only after load(): PNG's getexif() decodes the pixels itself, and a decode error
-    # swallowed there left a blank image that the next load() returned as valid (fuzzing).
-    orientation = exif_orientation(image)
+        orientation = exif_orientation(image)
+        want = None  # (width, height) in the file's own orientation, as draft takes it
+        if draft_size is not None:
+            want_h, want_w = draft_size
+            transposed = orientation in _TRANSPOSING_ORIENTATIONS
+            want = (want_h, want_w) if transposed else (want_w, want_h)
+        pixels = _decode_turbo(data, image, want)
+        if pixels is None and want is not None:
+            image.draft("RGB", want)
+    if pixels is None:
+        try:
+            image.load()
+        except (OSError, SyntaxError, ValueError, EOFError) as err:
+            raise DecodeError("corrupt_data", str(err)) from err
+        # Only after load(): PNG's getexif() decodes the pixels itself, and a decode error
+        # swallowed there left a blank image that the next load() returned as valid
+        # (fuzzing).
+        orientation = exif_orientation(image)
+        pixels = image
     transposed = orientation in _TRANSPOSING_ORIENTATIONS
-    image = _to_rgb(image)
+    image = _to_rgb(pixels)
     if orientation != 1:
         image = image.transpose(_ORIENTATION_TRANSPOSE[orientation])
     original = (full_w, full_h) if transposed else (full_h, full_w)
     return image, source_format, original
+
+
+def draft_scale(size: tuple[int, int], want: tuple[int, int]) -> int:
+    """PIL's `JpegImageFile.draft` choice of DCT scale for a (width, height) `size` that
+    must still cover `want` (width, height): the largest of 8, 4, 2, 1 not above either
+    side's ratio. The serving graph picks the same (`imaging_tf.draft_scale`)."""
+    ratio = min(size[0] // want[0], size[1] // want[1])
+    return next(scale for scale in (8, 4, 2, 1) if ratio >= scale)
+
+
+def _decode_turbo(data: bytes, header: Image.Image,
+                  want: tuple[int, int] | None) -> Image.Image | None:
+    """`data`'s pixels (RGB or L, at `draft_scale` when `want` is given) from simplejpeg,
+    or None to let PIL decode: for CMYK/YCCK (PIL's own colour conversion is the
+    contract) and for anything simplejpeg refuses, so PIL's decoder gives every verdict
+    on a damaged file and the dead-letter reasons stay PIL's."""
+    if header.mode not in ("RGB", "L"):
+        return None
+    width, height = header.size
+    scale = 1 if want is None else draft_scale((width, height), want)
+    try:
+        # libjpeg-turbo picks the smallest scaling factor that still covers min_*: with
+        # ceil(side / scale) that is exactly 1/scale, the factor PIL's draft passes to
+        # libjpeg. Strict: a warning (extraneous bytes, a short file) goes to PIL instead.
+        pixels = simplejpeg.decode_jpeg(
+            data, colorspace="GRAY" if header.mode == "L" else "RGB",
+            min_height=-(-height // scale), min_width=-(-width // scale), strict=True)
+    except ValueError:
+        return None
+    if pixels.shape[:2] != (-(-height // scale), -(-width // scale)):
+        return None  # a file whose frames disagree with PIL's header (MPO): PIL decides
+    return Image.fromarray(pixels[:, :, 0] if header.mode == "L" else pixels,
+                           mode=header.mode)
 
 
 _ORIENTATION_TRANSPOSE = {
@@ -339,6 +389,7 @@ def process_image(data: bytes, spec: ImageSpec) -> ProcessedImage:
     resized = resize_image(image, target, spec.resize)
     sums, squared_sums = channel_moments(resized)
     return ProcessedImage(
+        perceptual_hash=perceptual_hash(resized),
         encoded=encode_image(resized, spec.image_format, spec.jpeg_quality),
         height=spec.height,
         width=spec.width,
@@ -348,3 +399,29 @@ def process_image(data: bytes, spec: ImageSpec) -> ProcessedImage:
         channel_sums=sums,
         channel_squared_sums=squared_sums,
     )
+
+
+# ---------------------------------------------------------------- near-duplicate hash
+
+PHASH_SIDE = 32  # the grey image the DCT runs on
+PHASH_BITS = 64  # 8 x 8 lowest frequencies
+_PHASH_DCT = np.cos(np.pi * np.outer(np.arange(8), 2 * np.arange(PHASH_SIDE) + 1)
+                    / (2 * PHASH_SIDE))
+
+
+def perceptual_hash(image: Image.Image) -> int:
+    """A 64-bit DCT perceptual hash (pHash, as `imagehash.phash` computes it): the image in
+    grey at 32 x 32, its 8 x 8 lowest DCT frequencies, one bit each for "above their
+    median". Re-encoding, resizing and brightness shifts move few bits, a crop of a few
+    percent a few more; distinct photos differ in about half. Chosen over an average or
+    difference hash because the low frequencies ignore the detail those losses change."""
+    grey = np.asarray(image.convert("L").resize((PHASH_SIDE, PHASH_SIDE),
+                                                Image.Resampling.BOX), dtype=np.float64)
+    low = _PHASH_DCT @ grey @ _PHASH_DCT.T
+    bits = (low > np.median(low)).ravel()
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+def hamming(a: int, b: int) -> int:
+    """How many of two hashes' bits differ."""
+    return (a ^ b).bit_count()

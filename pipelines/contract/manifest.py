@@ -124,6 +124,8 @@ class Manifest:
     anomalies: str | None = None
     report: str | None = None
     transform_output: str | None = None
+    # {path, threshold, pairs, across_splits, across_labels}
+    near_duplicates: dict | None = None
     timings: dict | None = None
     format_version: int = FORMAT_VERSION
 
@@ -189,7 +191,8 @@ class Manifest:
 
 
 REQUIRED_KEYS = ownership.MANIFEST_KEYS
-_STATISTICS_KEYS = ("statistics", "anomalies", "report", "transform_output", "timings")
+_STATISTICS_KEYS = ("statistics", "anomalies", "report", "transform_output", "near_duplicates",
+                    "timings")
 # Manifests written before the entries were listed own just these.
 _EARLIER_ENTRIES = ("data", "errors", "index", "stats", "transform_output", "_tmp")
 

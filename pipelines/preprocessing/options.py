@@ -26,6 +26,7 @@ from pipelines.contract.imaging import (
     ImageSpec,
     ResizeMode,
 )
+from pipelines.preprocessing.near_duplicates import DEFAULT_THRESHOLD as NEAR_DUPLICATE_THRESHOLD
 
 _DIRECT_RUNNERS = ("DirectRunner", "direct")  # the names Beam's DirectRunner answers to
 DEFAULT_SPLITS = (("train", 0.8), ("validation", 0.1), ("test", 0.1))
@@ -35,6 +36,9 @@ DEFAULT_SPLIT_SALT = "imagebeam-split-v1"
 # A few corrupt files never stop a job (about 1% of a real corpus is normal); a run that
 # is mostly dead letters (wrong folder, wrong format, credentials) fails instead.
 DEFAULT_MAX_ERROR_RATE = 0.1
+
+
+NEAR_DUPLICATE_MODES = ("report", "keep_together")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +60,11 @@ class PreprocessConfig:
     decode_threads: int = 0  # per decoding DoFn; 0 = auto (decode_threads()); not output
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE  # dead letters / image files, at most
     run_id: str | None = None  # the output claim's id (pipelines.contract.ownership); not output
+    # report: list near-duplicate pairs; keep_together: also put a new image in the split
+    # of a near-duplicate that has one.
+    near_duplicates: str = "report"
+    # Hamming distance of the 64-bit perceptual hashes
+    near_duplicate_threshold: int = NEAR_DUPLICATE_THRESHOLD
 
     def to_json(self) -> dict:
         """The config as it is recorded in the manifest."""
@@ -73,6 +82,8 @@ class PreprocessConfig:
             "baseline_stats": self.baseline_stats,
             "reuse_from": self.reuse_from,
             "max_error_rate": self.max_error_rate,
+            "near_duplicates": self.near_duplicates,
+            "near_duplicate_threshold": self.near_duplicate_threshold,
         }
 
 
@@ -144,6 +155,16 @@ def _parser() -> argparse.ArgumentParser:
                         help="largest fraction of image files that may become dead letters; "
                         "above it the run fails and writes no manifest.json "
                         f"(default {DEFAULT_MAX_ERROR_RATE:g}; 0 = any dead letter fails)")
+    parser.add_argument("--near_duplicates", choices=NEAR_DUPLICATE_MODES, default="report",
+                        help="report (default): list pairs of distinct images that look the "
+                        "same in stats/near_duplicates.jsonl and the report; keep_together: "
+                        "also put a new image into the split of a near-duplicate already "
+                        "assigned one (images that have a split never move)")
+    parser.add_argument("--near_duplicate_threshold", type=int,
+                        default=NEAR_DUPLICATE_THRESHOLD,
+                        help="largest Hamming distance of two images' 64-bit perceptual "
+                        "hashes that makes them near-duplicates "
+                        f"(default {NEAR_DUPLICATE_THRESHOLD})")
     parser.add_argument("--no_progress", dest="progress", action="store_false")
     parser.add_argument("--reuse_from", metavar="URI",
                         help="an earlier output: images it stored with the same image config "
@@ -175,6 +196,8 @@ def parse_args(argv: Sequence[str]) -> tuple[PreprocessConfig, PipelineOptions]:
         raise UsageError("--decode_threads must be 0 (auto) or more")
     if not 0 <= known.max_error_rate <= 1:
         raise UsageError("--max_error_rate must be in 0..1")
+    if not 0 <= known.near_duplicate_threshold <= 32:
+        raise UsageError("--near_duplicate_threshold must be in 0..32")
     if not 1 <= known.jpeg_quality <= 100:
         raise UsageError("--jpeg_quality must be in 1..100")
     height, width = parse_image_size(known.image_size)
@@ -200,6 +223,8 @@ def parse_args(argv: Sequence[str]) -> tuple[PreprocessConfig, PipelineOptions]:
         reuse_from=known.reuse_from.rstrip("/") if known.reuse_from else None,
         decode_threads=known.decode_threads,
         max_error_rate=known.max_error_rate,
+        near_duplicates=known.near_duplicates,
+        near_duplicate_threshold=known.near_duplicate_threshold,
     )
     return config, beam_options(beam_args)
 

@@ -19,6 +19,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipelines.cloud import dataflow
 from pipelines.contract import manifest as manifest_lib
 from pipelines.contract import ownership
+from pipelines.preprocessing import near_duplicates
 from pipelines.preprocessing import output as output_lib
 from pipelines.preprocessing.after_all import AfterAll
 from pipelines.preprocessing.options import (
@@ -95,6 +96,9 @@ def build_pipeline(
         .with_outputs(ERRORS_TAG, main="images")
     )
     unique = decoded.images | "MergeDuplicates" >> MergeDuplicates(config)
+    if config.near_duplicates == "keep_together":
+        unique = unique | "KeepNearDuplicatesTogether" >> near_duplicates.KeepTogether(
+            config.near_duplicate_threshold)
     shards = unique | "WriteShards" >> WriteShards(config, labels)
     duplicates = (
         unique

@@ -68,3 +68,8 @@ def deal_round_robin(ordered: Sequence, num_shards: int) -> list[list]:
 
 def shard_name(split: str, index: int, count: int) -> str:
     return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def split_of_shard(path: str) -> str:
+    """The split a shard file (a path ending in a `shard_name`) holds."""
+    return path.rsplit("/", 1)[-1].rsplit("-", 3)[0]

@@ -56,13 +56,17 @@ class ImageMeta:
     # sha256 of the stored (encoded) bytes; for a reused image, what the earlier index
     # promised, checked when the shard writer copies them.
     stored_sha256: str
+    # Of the stored pixels (imaging.perceptual_hash); None from an index written before
+    # the hash was: such an image takes no part in near-duplicate detection.
+    perceptual_hash: int | None = None
 
     @classmethod
     def of(cls, image: ProcessedImage) -> ImageMeta:
         return cls(original_height=image.original_height, original_width=image.original_width,
                    source_format=image.source_format, channel_sums=image.channel_sums,
                    channel_squared_sums=image.channel_squared_sums,
-                   stored_sha256=hashlib.sha256(image.encoded).hexdigest())
+                   stored_sha256=hashlib.sha256(image.encoded).hexdigest(),
+                   perceptual_hash=image.perceptual_hash)
 
     @classmethod
     def from_index_row(cls, row: dict) -> ImageMeta:
@@ -70,7 +74,8 @@ class ImageMeta:
                    original_width=row["original_width"], source_format=row["source_format"],
                    channel_sums=tuple(row["channel_sums"]),
                    channel_squared_sums=tuple(row["channel_squared_sums"]),
-                   stored_sha256=row["stored_sha256"])
+                   stored_sha256=row["stored_sha256"],
+                   perceptual_hash=row.get("perceptual_hash"))
 
     def index_fields(self) -> dict:
         """The meta as an index row holds it (`from_index_row` reads it back)."""
@@ -89,6 +94,7 @@ class DecodedImage:
     source_bytes: int
     meta: ImageMeta
     reused: bool = False  # stored bytes taken from an earlier run's shard, not decoded
+    earlier_split: str | None = None  # of a reused image: the split it was stored in
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +155,7 @@ class ReuseEntry:
     sha256: str
     spill: SpillRef  # the encoded image inside that run's shard file
     meta: ImageMeta  # its stored_sha256: of those bytes, as that run wrote them
+    split: str  # the split that run stored it in
 
     @classmethod
     def from_index_row(cls, row: dict, root: str) -> ReuseEntry:
@@ -158,6 +165,7 @@ class ReuseEntry:
             spill=SpillRef(FileSystems.join(root, *row["path"].split("/")), row["offset"],
                            row["length"]),
             meta=ImageMeta.from_index_row(row),
+            split=splits.split_of_shard(row["path"]),
         )
 
 
@@ -325,6 +333,7 @@ def _reused_image(source: SourceFile, entry: ReuseEntry, source_bytes: int) -> D
         source_bytes=source_bytes,
         meta=entry.meta,
         reused=True,
+        earlier_split=entry.split,
     )
 
 
@@ -340,6 +349,9 @@ def merge_duplicates(
     copies = sorted(copies, key=lambda c: c.uri)
     keep = copies[0]  # the smallest uri: the same pick on every run
     label_sets = {c.labels for c in copies}
+    split = splits.assign_split(sha256, config.splits, config.split_salt)
+    if config.near_duplicates == "keep_together" and keep.earlier_split in dict(config.splits):
+        split = keep.earlier_split  # it may have moved to a near-duplicate's split then
     return UniqueImage(
         sha256=sha256,
         uris=tuple(c.uri for c in copies),
@@ -348,7 +360,7 @@ def merge_duplicates(
         spill=keep.spill,
         source_bytes=keep.source_bytes,
         meta=keep.meta,
-        split=splits.assign_split(sha256, config.splits, config.split_salt),
+        split=split,
         order=splits.order_key(sha256, config.split_salt),
         reused=keep.reused,
     )

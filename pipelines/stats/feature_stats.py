@@ -413,6 +413,24 @@ def parse_statistics(data: bytes) -> statistics_pb2.DatasetFeatureStatisticsList
     return stats
 
 
+def add_near_duplicate_counts(stats, pairs: Iterable) -> None:
+    """Adds each split's near-duplicate counts to its image feature's custom stats:
+    pairs with an image in the split, and of those the ones across splits or labels."""
+    counts: dict[str, Counter] = {}
+    for pair in pairs:
+        for split in {pair.split_a, pair.split_b}:
+            counts.setdefault(split, Counter()).update(
+                pairs=1, across_splits=int(pair.across_splits),
+                across_labels=int(pair.across_labels))
+    for name, dataset in split_datasets(stats).items():
+        encoded = find_feature(dataset, ENCODED)
+        if encoded is None:
+            continue
+        for kind in ("pairs", "across_splits", "across_labels"):
+            encoded.custom_stats.add(name=f"near_duplicates/{kind}",
+                                     num=counts.get(name, Counter())[kind])
+
+
 def split_datasets(stats) -> dict[str, statistics_pb2.DatasetFeatureStatistics]:
     """{split name: dataset}, in file order, without the dead-letters dataset."""
     return {d.name: d for d in stats.datasets if d.name != DEAD_LETTERS}

@@ -27,6 +27,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines.contract import manifest as manifest_lib
 from pipelines.local import analysis_process
+from pipelines.preprocessing import near_duplicates
 from pipelines.preprocessing import output as output_lib
 from pipelines.preprocessing.after_all import AfterAll
 from pipelines.preprocessing.options import PreprocessConfig, UsageError
@@ -103,23 +104,35 @@ def add_statistics(
             key=lambda row: (not row["label_conflict"], row["sha256"]))
     )
 
-    def write_statistics(_, aggregates, errors) -> dict:
+    pairs = unique | "FindNearDuplicates" >> near_duplicates.FindNearDuplicates(
+        config.near_duplicate_threshold)
+
+    def write_statistics(_, aggregates, errors, pairs) -> dict:
         summary = stats_lib.summarize_dead_letters(errors, listing_counts.files_seen)
         stats = stats_lib.build_statistics(dict(aggregates), split_names, summary)
+        stats_lib.add_near_duplicate_counts(stats, pairs)
         stats_lib.write_statistics(manifest_lib.join(output, stats_lib.STATISTICS_PATH), stats)
+        pairs = sorted(pairs, key=lambda p: (p.sha256_a, p.sha256_b))
+        _write_text(manifest_lib.join(output, near_duplicates.PATH),
+                    "".join(pair.to_json() + "\n" for pair in pairs))
         if baseline is not None:
             found = drift.detect_drift(stats, stats_lib.parse_statistics(baseline))
         else:
             found = drift.no_baseline()
         found = {"baseline": config.baseline_stats, **found}
         _write_json(manifest_lib.join(output, drift.ANOMALIES_PATH), found)
+        threshold = config.near_duplicate_threshold
         return {"statistics": stats.SerializeToString(), "anomalies": found,
+                "near_duplicates": near_duplicates.summarize(pairs, threshold),
+                "near_duplicate_anomalies": [p for p in pairs
+                                             if p.across_splits or p.across_labels],
                 "statistics_written_s": time.time() - started}
 
     statistics = pipeline | "WriteStatistics" >> AfterAll(
         write_statistics,
         aggregates=beam.pvalue.AsList(aggregates),
         errors=beam.pvalue.AsList(errors),
+        pairs=beam.pvalue.AsList(pairs),
     )
 
     def write_report(_, written, shard_infos, errors, counts, duplicates, transform) -> dict:
@@ -130,6 +143,7 @@ def add_statistics(
             "anomalies": drift.ANOMALIES_PATH,
             "report": report.REPORT_PATH,
             "transform_output": transform,
+            "near_duplicates": written["near_duplicates"],
         }
         manifest = output_lib.build_manifest(config, listing_counts, labels, shard_infos, errors,
                                                duplicate_count, conflict_count, extra=entries)
@@ -150,6 +164,8 @@ def add_statistics(
             thumbnails=thumbnails,
             errors=[json.loads(e.to_json()) for e in errors],
             duplicates=[row for sample in duplicates for row in sample],
+            near_duplicates=report.near_duplicate_rows(
+                output, written["near_duplicate_anomalies"], shard_infos),
             timings=timings,
             output=output,
         )
@@ -166,6 +182,11 @@ def add_statistics(
         duplicates=beam.pvalue.AsList(duplicate_sample),
         transform=beam.pvalue.AsSingleton(transform_output),
     )
+
+
+def _write_text(path: str, text: str) -> None:
+    with FileSystems.create(path) as handle:
+        handle.write(text.encode())
 
 
 def _write_json(path: str, value: dict) -> None:

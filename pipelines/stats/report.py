@@ -48,6 +48,7 @@ THUMBNAIL_READ_BUDGET = 256 << 20  # bytes of shards read looking for thumbnails
 MAX_CLASSES_CHARTED = 60
 MAX_TABLE_ROWS = 200
 MAX_DUPLICATES_LISTED = 300  # contents; the pipeline passes at most this many
+MAX_NEAR_DUPLICATES_SHOWN = 60  # anomalous pairs with thumbnails
 
 SPLIT_COLOURS = SERIES_COLOURS
 SECTIONS = (
@@ -59,6 +60,7 @@ SECTIONS = (
     ("thumbnails", "Thumbnails from the shards"),
     ("dead-letters", "Dead letters"),
     ("duplicates", "Duplicates and label conflicts"),
+    ("near-duplicates", "Near-duplicates across splits or labels"),
     ("drift", "Drift"),
     ("config", "Config and timings"),
 )
@@ -157,6 +159,7 @@ def render_report(
     duplicates: Sequence[Mapping],
     timings: Mapping,
     output: str = "",
+    near_duplicates: Sequence[Mapping] = (),
 ) -> str:
     """The whole page as one HTML string.
 
@@ -168,6 +171,8 @@ def render_report(
       errors: dead letters as dicts (uri, reason, stage, detail).
       duplicates: contents seen under several uris, as dicts (sha256, uris, labels,
         label_conflict); possibly a sample, the counts are in the manifest.
+      near_duplicates: near-duplicate pairs across splits or labels, from
+        `near_duplicate_rows` (with thumbnails).
       timings: {name: seconds or text}.
       output: the output root, for the header.
     """
@@ -182,6 +187,7 @@ def render_report(
         _thumbnails(manifest, thumbnails, colours),
         _dead_letters(manifest, errors),
         _duplicates(manifest, duplicates),
+        _near_duplicates(manifest, near_duplicates),
         _drift(anomalies),
         _config(manifest, timings),
     ]
@@ -377,6 +383,66 @@ def _duplicates(manifest, duplicates) -> str:
         parts.append(f'<p class="muted">the first {len(duplicates)} contents (label conflicts '
                      "first) are listed.</p>")
     return _section("duplicates", "".join(parts))
+
+
+def near_duplicate_rows(root: str, pairs: Sequence, shard_infos: Sequence
+                        ) -> list[dict]:
+    """The first MAX_NEAR_DUPLICATES_SHOWN pairs (leakage first), each with both images'
+    thumbnails, read from the written shards where the shards' index lines place them."""
+    pairs = sorted(pairs, key=lambda p: (not p.across_splits, p.distance, p.sha256_a))
+    pairs = pairs[:MAX_NEAR_DUPLICATES_SHOWN]
+    wanted = {sha for pair in pairs for sha in (pair.sha256_a, pair.sha256_b)}
+    places = {}
+    for shard in shard_infos:
+        for line in shard.index_lines.splitlines():
+            row = json.loads(line)
+            if row["sha256"] in wanted:
+                places[row["sha256"]] = row
+    images = {sha: _stored_thumbnail(root, places[sha]) for sha in wanted if sha in places}
+    return [{**json.loads(pair.to_json()), "across_splits": pair.across_splits,
+             "across_labels": pair.across_labels, "thumbnail_a": images.get(pair.sha256_a, ""),
+             "thumbnail_b": images.get(pair.sha256_b, "")} for pair in pairs]
+
+
+def _stored_thumbnail(root: str, place: Mapping) -> str:
+    path = FileSystems.join(root, *place["path"].split("/"))
+    with FileSystems.open(path, compression_type="uncompressed") as handle:
+        handle.seek(place["offset"])
+        encoded = handle.read(place["length"])
+    try:
+        return image_data_uri(Image.open(io.BytesIO(encoded)), THUMBNAIL_SIDE)
+    except Exception:  # noqa: BLE001 - raw pixel storage has no header: no thumbnail
+        return ""
+
+
+def _near_duplicates(manifest, rows) -> str:
+    summary = manifest.near_duplicates or {}
+    if not summary:
+        return _section("near-duplicates", "<p>Not computed.</p>")
+    parts = [f"<p>{summary['pairs']} pair(s) of distinct images within "
+             f"{summary['threshold']} bits of each other's perceptual hash "
+             f"(<code>{_e(summary['path'])}</code>): "
+             f"<b class=\"{'bad-text' if summary['across_splits'] else ''}\">"
+             f"{summary['across_splits']} across splits</b> (the same picture in training "
+             f"and evaluation: leakage), {summary['across_labels']} across labels (possible "
+             "label noise).</p>"]
+    for row in rows:
+        cells = "".join(
+            f'<figure><img src="{row[f"thumbnail_{side}"]}" alt=""><figcaption>'
+            f'{_e(row[f"split_{side}"])}: {_e(", ".join(row[f"labels_{side}"]))}<br>'
+            f'{_e(row[f"sha256_{side}"][:12])}</figcaption></figure>'
+            if row[f"thumbnail_{side}"] else
+            f'<figure><figcaption>{_e(row[f"sha256_{side}"][:12])}</figcaption></figure>'
+            for side in ("a", "b"))
+        kinds = ", ".join(kind for kind, flag in (("across splits", row["across_splits"]),
+                                                  ("across labels", row["across_labels"]))
+                          if flag)
+        parts.append(f'<div class="thumbrow"><div class="thumblabel">distance '
+                     f'{row["distance"]}<br>{_e(kinds)}</div><div class="thumbs">{cells}'
+                     "</div></div>")
+    if summary["across_splits"] + summary["across_labels"] > len(rows):
+        parts.append(f'<p class="muted">the first {len(rows)} are shown.</p>')
+    return _section("near-duplicates", "".join(parts))
 
 
 def _drift(anomalies) -> str:
