@@ -142,7 +142,8 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"target shard size when --num_shards is not set "
                         f"(default {DEFAULT_SHARD_SIZE_MB})")
     parser.add_argument("--image_format", choices=[f.value for f in ImageFormat], default="jpeg",
-                        help="what the shards store (default jpeg)")
+                        help="what the shards store (default jpeg: 4:2:0; the exported model "
+                        "repeats the encoding, so serving sees the stored pixels)")
     parser.add_argument("--jpeg_quality", type=int, default=DEFAULT_JPEG_QUALITY,
                         help=f"quality of stored JPEGs (default {DEFAULT_JPEG_QUALITY})")
     parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
