@@ -236,9 +236,10 @@ def decode_image(
 def draft_scale(size: tuple[int, int], want: tuple[int, int]) -> int:
     """PIL's `JpegImageFile.draft` choice of DCT scale for a (width, height) `size` that
     must still cover `want` (width, height): the largest of 8, 4, 2, 1 not above either
-    side's ratio. The serving graph picks the same (`imaging_tf.draft_scale`)."""
+    side's ratio, 1 for a source smaller than `want`. The serving graph picks the same
+    (`imaging_tf.draft_scale`)."""
     ratio = min(size[0] // want[0], size[1] // want[1])
-    return next(scale for scale in (8, 4, 2, 1) if ratio >= scale)
+    return next((scale for scale in (8, 4, 2) if ratio >= scale), 1)
 
 
 def _decode_turbo(data: bytes, header: Image.Image,
