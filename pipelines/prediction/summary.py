@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+from pipelines.contract import error_budget
+from pipelines.contract.error_budget import TooManyErrors  # noqa: F401 - raised by callers
 from pipelines.preprocessing.sources import ListingCounts
 
 TOOL = "imagebeam"
@@ -20,21 +22,12 @@ class AccountingMismatch(RuntimeError):
     """Some listed file is neither predicted, a dead letter nor skipped."""
 
 
-class TooManyErrors(RuntimeError):
-    """The run's dead letters are over --max_error_rate, or it predicted no image."""
-
-
 def error_budget_problem(predicted: int, errors: int, max_error_rate: float) -> str | None:
     """Why a run with these counts failed, or None: preprocess's rule
-    (`pipelines.preprocessing.output.error_budget_problem`) with predicted files in the
-    place of written images. Skipped files (not image names) do not count."""
-    images = predicted + errors
-    if predicted == 0:
-        return f"no image was predicted ({errors} of {images} image files are dead letters)"
-    if errors > max_error_rate * images:
-        return (f"{errors} of {images} image files ({errors / images:.1%}) are dead letters, "
-                f"over --max_error_rate {max_error_rate:g}")
-    return None
+    (`pipelines.contract.error_budget`) with predicted files in the place of written
+    images. Skipped files (not image names) do not count."""
+    return error_budget.error_budget_problem(predicted + errors, errors, predicted,
+                                             max_error_rate, produced_as="predicted")
 
 
 def accounting(listing: ListingCounts, predicted: int, errors: int) -> dict:

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.contract import ownership, tfds_metadata
+from pipelines.contract import error_budget, ownership, tfds_metadata
+from pipelines.contract.error_budget import TooManyErrors
 from pipelines.contract.jsonio import write_json_atomically
 from pipelines.contract.manifest import (
     ERRORS_PATH,
@@ -118,20 +119,10 @@ def _split_entry(name: str, labels: Sequence[str], shards: Sequence) -> SplitEnt
     )
 
 
-class TooManyErrors(RuntimeError):
-    """The run's dead letters are over --max_error_rate, or it wrote no image."""
-
-
 def error_budget_problem(accounting: Accounting, max_error_rate: float) -> str | None:
-    """Why a run with this accounting failed, or None. Skipped files (not image names)
-    do not count: the rate is dead letters over image files."""
-    images, errors = accounting.image_files, accounting.errors
-    if accounting.images_written == 0:
-        return f"no image was written ({errors} of {images} image files are dead letters)"
-    if errors > max_error_rate * images:
-        return (f"{errors} of {images} image files ({errors / images:.1%}) are dead letters, "
-                f"over --max_error_rate {max_error_rate:g}")
-    return None
+    """Why a run with this accounting failed, or None (`contract.error_budget`'s rule)."""
+    return error_budget.error_budget_problem(accounting.image_files, accounting.errors,
+                                             accounting.images_written, max_error_rate)
 
 
 def describe_failure(root: str, problem: str, top: int = 5) -> str:
