@@ -213,6 +213,7 @@ def test_unchanged_input_ends_the_tick_before_any_work(tmp_path):
     # A later tick killed mid-way: no retrain.json, so it is not the last finished tick.
     (root / "runs" / "20250102-000000-000000" / "data").mkdir(parents=True)
     record = retrain.tick(config)
-    assert record["status"] == "no_new_data" and record["same_as_run"] == "20250101-000000-000000"
-    assert json.loads((root / "runs" / record["run_id"] / "retrain.json").read_text()) == record
+    assert record.status == "no_new_data" and record.same_as_run == "20250101-000000-000000"
+    assert json.loads((root / "runs" / record.run_id / "retrain.json").read_text()) == (
+        record.to_json())
     assert not (root / "current.json").exists()

@@ -475,7 +475,44 @@ def swap_current(root: str, pointer: dict, expected_run_id: str | None) -> None:
 # ---------------------------------------------------------------- the tick
 
 
-def tick(config: RetrainConfig) -> dict:
+@dataclasses.dataclass
+class RetrainRecord:
+    """`retrain.json`: what one tick did. Written when the tick ends, and once before a
+    promotion's swap (status `promoting`); `to_json` is the file's content."""
+
+    run_id: str
+    started_at: str
+    input: str | None
+    root: str
+    fingerprint: str  # of the input listing and the flags: "nothing new" compares it
+    input_files: int
+    current_before: str | None  # the run current.json named when the tick began
+    settings: dict  # trainer, gate rule, preprocess and trainer flags
+    status: str = "running"  # promoted | rejected | no_new_data | promoting
+    promoted: bool = False
+    reason: str = ""
+    same_as_run: str | None = None  # no_new_data: the run that saw this input
+    reused_from_run: str | None = None
+    images_written: int = 0
+    decoded: int = 0
+    reused: int = 0
+    accounting: dict | None = None  # the preprocess manifest's
+    splits: dict | None = None  # {split: examples}
+    labels: list | None = None
+    drift: dict | None = None
+    warm_start: dict | None = None  # {checkpoints, reason}
+    candidate: dict | None = None  # {run_id, saved_model, test, trainer}
+    baseline: dict | None = None  # the current model's gate evaluation, None if none
+    deployment: dict | None = None  # --deploy_endpoint: what was deployed, or the error
+    finished_at: str | None = None
+    timings: dict = dataclasses.field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def tick(config: RetrainConfig) -> RetrainRecord:
     """One tick as the module docstring describes, holding the root's tick claim (a second
     tick on the same root is refused with OutputRefused); returns the record it wrote."""
     run_id = config.run_id or new_run_id()
@@ -502,7 +539,7 @@ def last_finished_record(root: str, current: dict | None) -> dict | None:
     return None
 
 
-def _tick(config: RetrainConfig, run_id: str, claim: ownership.OutputClaim) -> dict:
+def _tick(config: RetrainConfig, run_id: str, claim: ownership.OutputClaim) -> RetrainRecord:
     started = time.time()
     root = config.root
     folder = run_dir(root, run_id)
@@ -511,27 +548,25 @@ def _tick(config: RetrainConfig, run_id: str, claim: ownership.OutputClaim) -> d
     current = read_current(root)
     last = last_finished_record(root, current)
     fingerprint, num_files = input_fingerprint(config)
-    record: dict = {
-        "format_version": FORMAT_VERSION,
-        "run_id": run_id,
-        "started_at": _utc(started),
-        "input": config.preprocess.input or config.preprocess.labels_csv,
-        "root": root,
-        "fingerprint": fingerprint,
-        "input_files": num_files,
-        "current_before": current["run_id"] if current else None,
-        "settings": {"trainer": config.trainer, "gate": dataclasses.asdict(config.rule),
-                     "preprocess_args": list(config.preprocess_args),
-                     "trainer_args": list(config.trainer_args)},
-    }
+    record = RetrainRecord(
+        run_id=run_id,
+        started_at=_utc(started),
+        input=config.preprocess.input or config.preprocess.labels_csv,
+        root=root,
+        fingerprint=fingerprint,
+        input_files=num_files,
+        current_before=current["run_id"] if current else None,
+        settings={"trainer": config.trainer, "gate": dataclasses.asdict(config.rule),
+                  "preprocess_args": list(config.preprocess_args),
+                  "trainer_args": list(config.trainer_args)},
+    )
     timings = {"check_s": round(time.time() - started, 2)}
 
     if last is not None and last.get("fingerprint") == fingerprint:
         same_as = last.get("same_as_run") or last["run_id"]
-        record.update(status="no_new_data", same_as_run=same_as, decoded=0, reused=0,
-                      drift=None, candidate=None, baseline=None, promoted=False,
-                      reason=f"input and flags unchanged since run {same_as} "
-                             f"({num_files} files): nothing to do")
+        record.status, record.same_as_run = "no_new_data", same_as
+        record.reason = (f"input and flags unchanged since run {same_as} ({num_files} files): "
+                         "nothing to do")
         return _finish(record, folder, timings, started)
 
     previous_runs = _run_ids_with(root, f"{DATA}/{manifest_lib.MANIFEST}")
@@ -544,7 +579,8 @@ def _tick(config: RetrainConfig, run_id: str, claim: ownership.OutputClaim) -> d
     reused = accounting.reused
     drift = {"baseline_run": previous_runs[-1] if previous_runs else None,
              **drift_summary(data, manifest, config.rule)}
-    record.update(
+    record = dataclasses.replace(
+        record,
         reused_from_run=previous_runs[-1] if previous_runs else None,
         images_written=accounting.images_written,
         decoded=accounting.images_written - reused,
@@ -554,11 +590,11 @@ def _tick(config: RetrainConfig, run_id: str, claim: ownership.OutputClaim) -> d
         labels=list(manifest.labels),
         drift=drift,
     )
-    _log(f"data: {record['decoded']} decoded, {reused} reused "
-         f"(from {record['reused_from_run']}), {len(drift['anomalies'])} drift anomalies")
+    _log(f"data: {record.decoded} decoded, {reused} reused "
+         f"(from {record.reused_from_run}), {len(drift['anomalies'])} drift anomalies")
 
     warm_start, why = warm_start_from(config, current, manifest)
-    record["warm_start"] = {"checkpoints": warm_start, "reason": why}
+    record.warm_start = {"checkpoints": warm_start, "reason": why}
     model_dir = manifest_lib.join(folder, MODEL)
     metrics = train_step(config, run_id, data, model_dir, warm_start)
     timings["train_s"] = round(time.time() - started - sum(timings.values()), 2)
@@ -566,7 +602,8 @@ def _tick(config: RetrainConfig, run_id: str, claim: ownership.OutputClaim) -> d
     for _attempt in range(3):
         candidate, baseline = gate_step(data, manifest, metrics, current)
         decision = gate_lib.decide(candidate, baseline, drift["blocking"], config.rule)
-        record.update(
+        record = dataclasses.replace(
+            record,
             candidate={"run_id": run_id, "saved_model": metrics["saved_model"],
                        "test": candidate,
                        "trainer": {k: metrics.get(k) for k in ("epochs", "validation", "test")}},
@@ -581,7 +618,7 @@ def _tick(config: RetrainConfig, run_id: str, claim: ownership.OutputClaim) -> d
             raise StepFailed(f"{claim.lost}; not promoting")
         # The record first: a kill before the swap leaves `promoting` beside an unchanged
         # current.json, which the next tick reads as "never served".
-        write_json_atomically(manifest_lib.join(folder, RECORD), record)
+        write_json_atomically(manifest_lib.join(folder, RECORD), record.to_json())
         try:
             swap_current(root, promotion_pointer(root, run_id, model_dir, metrics, manifest,
                                                  candidate, current),
@@ -590,15 +627,15 @@ def _tick(config: RetrainConfig, run_id: str, claim: ownership.OutputClaim) -> d
             _log(f"{err}: gating again against the model that serves now")
             current = read_current(root)
             continue
-        record.update(status="promoted", promoted=True)
+        record.status, record.promoted = "promoted", True
         break
     else:
-        record.update(status="rejected", promoted=False,
-                      reason="current.json kept changing during the gate; not promoted")
+        record.status, record.promoted = "rejected", False
+        record.reason = "current.json kept changing during the gate; not promoted"
     timings["gate_s"] = round(time.time() - started - sum(timings.values()), 2)
     if config.deploy is not None:
-        record["deployment"] = (deploy_step(config.deploy, run_id, metrics["saved_model"])
-                                if record["promoted"] else None)
+        record.deployment = (deploy_step(config.deploy, run_id, metrics["saved_model"])
+                             if record.promoted else None)
         timings["deploy_s"] = round(time.time() - started - sum(timings.values()), 2)
     return _finish(record, folder, timings, started)
 
@@ -618,24 +655,25 @@ def deploy_step(config: deploy_lib.DeployConfig, run_id: str, saved_model: str) 
                 "error": f"{type(err).__name__}: {err}"[:2000]}
 
 
-def _finish(record: dict, folder: str, timings: dict, started: float) -> dict:
+def _finish(record: RetrainRecord, folder: str, timings: dict, started: float
+            ) -> RetrainRecord:
     timings["total_s"] = round(time.time() - started, 2)
-    record.update(finished_at=_utc(time.time()), timings=timings)
-    write_json_atomically(manifest_lib.join(folder, RECORD), record)
+    record.finished_at, record.timings = _utc(time.time()), timings
+    write_json_atomically(manifest_lib.join(folder, RECORD), record.to_json())
     return record
 
 
-def summary(record: dict) -> str:
+def summary(record: RetrainRecord) -> str:
     """The tick's closing line."""
-    took = f"in {record['timings']['total_s']:.1f}s"
-    if record["status"] == "no_new_data":
-        return f"[retrain] run {record['run_id']}: no new data; {record['reason']} ({took})"
-    baseline = record["baseline"]["test"] if record["baseline"] else None
+    took = f"in {record.timings['total_s']:.1f}s"
+    if record.status == "no_new_data":
+        return f"[retrain] run {record.run_id}: no new data; {record.reason} ({took})"
+    baseline = record.baseline["test"] if record.baseline else None
     versus = f" vs current {baseline['accuracy']}" if baseline else ""
-    accuracy = record["candidate"]["test"]["accuracy"]
-    return (f"[retrain] run {record['run_id']}: {record['decoded']} decoded, "
-            f"{record['reused']} reused; candidate accuracy {accuracy}{versus}: "
-            f"{record['status']} ({record['reason']}) {took}")
+    accuracy = record.candidate["test"]["accuracy"]
+    return (f"[retrain] run {record.run_id}: {record.decoded} decoded, "
+            f"{record.reused} reused; candidate accuracy {accuracy}{versus}: "
+            f"{record.status} ({record.reason}) {took}")
 
 
 def _utc(seconds: float) -> str:
@@ -735,7 +773,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(summary(record), file=sys.stderr)
-    failed = (record.get("deployment") or {}).get("error")
+    failed = (record.deployment or {}).get("error")
     if failed:
         print(f"error: deploying the promoted model failed ({failed.splitlines()[0]}); "
               f"current.json names it: python -m pipelines.deploy --model "
