@@ -14,11 +14,12 @@ def read_json(path: str) -> dict:
         return json.loads(handle.read())
 
 
-def write_json_atomically(path: str, value: dict, temporary: str | None = None) -> None:
+def write_json_atomically(path: str, value: dict, temporary: str | None = None,
+                          sort_keys: bool = False) -> None:
     """Writes `value` beside `path` (at `temporary`, default a unique name), then renames
     it over `path`: a reader (or a kill) sees the old file or the new one, never half of
     one."""
-    text = json.dumps(value, indent=2) + "\n"
+    text = json.dumps(value, indent=2, sort_keys=sort_keys) + "\n"
     temporary = temporary or f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
     if "://" in path:
         with FileSystems.create(temporary) as handle:

@@ -26,6 +26,7 @@ from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.contract import manifest as manifest_lib
+from pipelines.contract.jsonio import write_json_atomically
 from pipelines.local import analysis_process
 from pipelines.preprocessing import near_duplicates
 from pipelines.preprocessing import output as output_lib
@@ -120,7 +121,8 @@ def add_statistics(
         else:
             found = drift.no_baseline()
         found = {"baseline": config.baseline_stats, **found}
-        _write_json(manifest_lib.join(output, drift.ANOMALIES_PATH), found)
+        write_json_atomically(manifest_lib.join(output, drift.ANOMALIES_PATH), found,
+                              sort_keys=True)
         threshold = config.near_duplicate_threshold
         return {"statistics": stats.SerializeToString(), "anomalies": found,
                 "near_duplicates": near_duplicates.summarize(pairs, threshold),
@@ -187,8 +189,3 @@ def add_statistics(
 def _write_text(path: str, text: str) -> None:
     with FileSystems.create(path) as handle:
         handle.write(text.encode())
-
-
-def _write_json(path: str, value: dict) -> None:
-    with FileSystems.create(path) as handle:
-        handle.write((json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
