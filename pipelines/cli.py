@@ -19,7 +19,9 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
-PROG = "imagebeam"
+from pipelines.contract.command import CONSOLE_COMMAND
+
+PROG = CONSOLE_COMMAND
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,12 +22,13 @@ from google.api_core import exceptions as google_errors
 
 from pipelines.cloud import access
 from pipelines.cloud import deploy as deploy_lib
+from pipelines.contract.command import prog
 from pipelines.contract.errors import UsageError
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.deploy", allow_abbrev=False,
+        prog=prog("pipelines.deploy"), allow_abbrev=False,
         description="Upload a SavedModel to the Vertex AI Model Registry and deploy it to "
         "an endpoint (created when none has the name), with a traffic split for a canary.")
     parser.add_argument("--model", required=True,

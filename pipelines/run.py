@@ -42,6 +42,7 @@ from google.cloud import aiplatform_v1 as aip
 
 from pipelines.cloud import access, dataflow, vertex
 from pipelines.cloud import dry_run as dry_run_lib
+from pipelines.contract.command import prog
 from pipelines.contract.manifest import join, read_manifest
 from pipelines.preprocessing import options as preprocess_options
 from pipelines.preprocessing.options import PreprocessConfig, UsageError
@@ -91,7 +92,7 @@ class Plan:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.run",
+        prog=prog("pipelines.run"),
         # No prefix matching: an abbreviated preprocess or Beam flag must not be taken here.
         allow_abbrev=False,
         description="Preprocess raw images, then train on the result (locally or on Vertex "

@@ -25,6 +25,8 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 
+from pipelines.contract.command import prog
+
 MODELS = ("small_cnn", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
           "efficientnet_v2_b0", "resnet50", "linear")
 PRETRAINABLE = MODELS[1:-1]  # the Keras applications
@@ -119,7 +121,7 @@ def parse_augment(text: str) -> tuple[str, ...]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m trainer.task",
+        prog=prog("trainer.task"),
         description="Trains an image classifier on a preprocess output and exports a "
         "SavedModel that serves raw image bytes.",
     )

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines.contract.command import prog
 from pipelines.contract.errors import UsageError
 from pipelines.preprocessing.options import (
     DEFAULT_MAX_ERROR_RATE,
@@ -45,7 +46,7 @@ class PredictConfig:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.predict",
+        prog=prog("pipelines.predict"),
         description="Classify image files (a folder or gs:// prefix, or a uri,label CSV) "
         "with a SavedModel; writes predictions/*.jsonl, errors/errors.jsonl and "
         "summary.json (last). Flags not listed here are passed to Beam.")

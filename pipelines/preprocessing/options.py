@@ -18,6 +18,7 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
+from pipelines.contract.command import prog
 from pipelines.contract.errors import UsageError
 from pipelines.contract.imaging import (
     DEFAULT_JPEG_QUALITY,
@@ -124,7 +125,7 @@ def parse_splits(text: str) -> tuple[tuple[str, float], ...]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.preprocess",
+        prog=prog("pipelines.preprocess"),
         description="Raw images (local folder or gs:// prefix, one folder per class, or a "
         "uri,label CSV) -> deduplicated, split, shuffled TFRecord shards + manifest.json. "
         "Flags not listed here are passed to Beam (e.g. --runner DataflowRunner).",

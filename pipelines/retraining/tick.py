@@ -59,6 +59,7 @@ from pipelines.cloud import dry_run as dry_run_lib
 from pipelines.cloud import vertex as vertex_lib
 from pipelines.contract import manifest as manifest_lib
 from pipelines.contract import ownership
+from pipelines.contract.command import prog
 from pipelines.contract.jsonio import read_json, write_json_atomically
 from pipelines.preprocessing.options import PreprocessConfig, UsageError, refuse_glob_characters
 from pipelines.preprocessing.options import parse_args as parse_preprocess_args
@@ -108,7 +109,7 @@ class RetrainConfig:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.retrain", allow_abbrev=False,
+        prog=prog("pipelines.retrain"), allow_abbrev=False,
         description="One retraining tick: preprocess new images (reusing earlier runs' "
         "shards), train a candidate, gate it against the current model, promote. Other "
         "flags go to the preprocess job (and Beam) or the trainer.",
