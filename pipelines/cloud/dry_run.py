@@ -17,6 +17,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from apache_beam.options.pipeline_options import (
     GoogleCloudOptions,
@@ -25,8 +26,10 @@ from apache_beam.options.pipeline_options import (
 )
 
 from pipelines.cloud import access, dataflow
-from pipelines.cloud.vertex import VertexConfig
 from pipelines.preprocessing.options import PreprocessConfig
+
+if TYPE_CHECKING:  # vertex imports google.cloud.aiplatform_v1: seconds every local run paid
+    from pipelines.cloud.vertex import VertexConfig
 
 # Dataflow batch list prices (us-central1) and the throughput the estimate assumes.
 DATAFLOW_USD_PER_VCPU_HOUR = 0.056
