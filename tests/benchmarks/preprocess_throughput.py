@@ -17,6 +17,7 @@ import argparse
 import io
 import itertools
 import os
+import resource
 import shutil
 import struct
 import sys
@@ -25,8 +26,10 @@ import time
 from multiprocessing import Pool
 from pathlib import Path
 
+import simplejpeg
 from PIL import Image
 
+from pipelines.contract import imaging
 from tests.benchmarks.measure import run_measured
 from tests.support.demo_data import make_demo_images  # noqa: I001
 
@@ -55,29 +58,56 @@ def pil_decode_resize_encode(path: str) -> int:
     return len(buffer.getvalue())
 
 
-def pil_pool_rate(root: Path, repeats: int = 3) -> tuple[float, int]:
-    """(best images/s of `repeats` runs, files): the loop takes 2-3 s, and one run on this
-    shared machine ranged from 640 to 1,000 img/s; its best is the limit to compare with."""
+def turbo_decode_resize_encode(path: str) -> int:
+    """The same loop with libjpeg-turbo's DCT-scaled decode through simplejpeg (the
+    decoder the pipeline uses for JPEG): what the plain loop could reach."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    scale = imaging.draft_scale((width, height), (224, 224))
+    pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // scale),
+                                    min_width=-(-width // scale))
+    resized = Image.fromarray(pixels).resize((224, 224), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    resized.save(buffer, format="JPEG", quality=90, subsampling=2)
+    return len(buffer.getvalue())
+
+
+def pool_rate(root: Path, work=pil_decode_resize_encode,
+              repeats: int = 3) -> tuple[float, int, float]:
+    """(best images/s of `repeats` runs, files, CPU seconds an image): the loop takes 2-3 s
+    and swings with the shared machine's load; its best is the limit to compare with."""
     files = sorted(str(p) for p in root.rglob("*.jpg"))
     best = 0.0
+    cpu = children_cpu_s()
     with Pool(os.cpu_count()) as pool:
         for _ in range(repeats):
             started = time.monotonic()
-            pool.map(pil_decode_resize_encode, files, chunksize=16)
+            pool.map(work, files, chunksize=16)
             best = max(best, len(files) / (time.monotonic() - started))
-    return best, len(files)
+    return best, len(files), (children_cpu_s() - cpu) / (repeats * len(files))
 
 
-def pipeline_run(root: Path) -> tuple[float, float, int]:
-    """(images/s over the whole command, peak RSS of the process tree MB, images)."""
+def children_cpu_s() -> float:
+    """User + system CPU seconds of every finished child process so far: unlike wall
+    time, CPU per image hardly moves with the load other processes put on the machine."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def pipeline_run(root: Path) -> tuple[float, float, int, float]:
+    """(images/s over the whole command, peak RSS of the process tree MB, images, CPU
+    seconds of the process tree)."""
     out = Path(tempfile.mkdtemp(prefix="imagebeam-bench-out-"))
+    cpu = children_cpu_s()
     try:
         measured = run_measured([sys.executable, "-m", "pipelines.preprocess", "--input",
                                  str(root), "--output", str(out / "o"), "--no_progress"])
         if measured.returncode != 0:
             raise RuntimeError(measured.output[-3000:])
         images = sum(1 for _ in root.rglob("*.jpg"))
-        return images / measured.wall_s, measured.peak_tree_rss_mb, images
+        return (images / measured.wall_s, measured.peak_tree_rss_mb, images,
+                children_cpu_s() - cpu)
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -118,32 +148,44 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--sizes", default="1000,4000,16000",
                         help="dataset sizes for peak memory ('' for none)")
+    parser.add_argument("--no_naive", action="store_true", help="skip the naive Beam job")
     args = parser.parse_args(argv)
     root = photo_corpus(args.images)
-    limit, count = pil_pool_rate(root)
-    rate, peak, _ = pipeline_run(root)
-    naive_rate, naive_peak, records = naive_beam_run(root)
-    print(f"cores: {os.cpu_count()}, images: {count} (500x375 JPEG -> 224x224 JPEG)")
-    print(f"{'what':44s} {'images/s':>9s} {'ratio':>6s} {'peak RSS MB':>12s}")
-    print(f"{'multiprocessing PIL loop (decode limit)':44s} {limit:9.0f} {1:6.2f} {'':>12s}")
-    print(f"{'pipelines.preprocess (whole command)':44s} {rate:9.0f} {rate / limit:6.2f} "
-          f"{peak:12.0f}")
-    print(f"{f'naive Beam + eager TF ({records} records)':44s} {naive_rate:9.0f} "
-          f"{naive_rate / limit:6.2f} {naive_peak:12.0f}")
-    print(f"ours / naive Beam: {rate / naive_rate:.2f}x images/s, "
-          f"{peak / naive_peak:.2f}x peak RSS")
+    load = os.getloadavg()[0]
+    limit, count, limit_cpu = pool_rate(root)
+    turbo, _, turbo_cpu = pool_rate(root, turbo_decode_resize_encode)
+    rate, peak, _, cpu = pipeline_run(root)
+    print(f"cores: {os.cpu_count()}, images: {count} (500x375 JPEG -> 224x224 JPEG), "
+          f"load average at start {load:.1f}")
+    print("ratio: images/s over the PIL loop's; CPU ratio: the loop's CPU per image over "
+          "this row's (load hardly moves it)")
+    print(f"{'what':44s} {'images/s':>9s} {'ratio':>6s} {'CPU ms/img':>11s} {'CPU ratio':>10s} "
+          f"{'peak RSS MB':>12s}")
+
+    def row(what: str, images_s: float, cpu_s: float, peak_mb: float | None = None) -> None:
+        print(f"{what:44s} {images_s:9.0f} {images_s / limit:6.2f} {cpu_s * 1000:11.2f} "
+              f"{limit_cpu / cpu_s:10.2f} {'' if peak_mb is None else f'{peak_mb:.0f}':>12s}")
+
+    row("multiprocessing PIL loop (decode limit)", limit, limit_cpu)
+    row("the same loop, simplejpeg DCT-scaled decode", turbo, turbo_cpu)
+    row("pipelines.preprocess (whole command)", rate, cpu / count, peak)
+    if not args.no_naive:
+        naive_rate, naive_peak, records = naive_beam_run(root)
+        print(f"{f'naive Beam + eager TF ({records} records)':44s} {naive_rate:9.0f} "
+              f"{naive_rate / limit:6.2f} {'':>11s} {'':>10s} {naive_peak:12.0f}")
+        print(f"ours / naive Beam: {rate / naive_rate:.2f}x images/s, "
+              f"{peak / naive_peak:.2f}x peak RSS")
     runs = []
     for size in (int(s) for s in args.sizes.split(",") if s):  # --sizes '' skips them
-        rate, peak, images = pipeline_run(photo_corpus(size))
-        runs.append((images, images / rate))
-        print(f"{f'pipelines.preprocess, {images} images':44s} {rate:9.0f} {'':>6s} {peak:12.0f}")
+        rate, peak, images, cpu = pipeline_run(photo_corpus(size))
+        runs.append((images, images / rate, cpu))
+        row(f"pipelines.preprocess, {images} images", rate, cpu / images, peak)
     # The whole command carries a fixed cost (imports, pipeline construction, the
     # tf.Transform analysis); the rate between two sizes is what each further image costs.
-    for (small, small_s), (large, large_s) in itertools.pairwise(runs):
-        marginal = (large - small) / (large_s - small_s)
-        print(f"{f'  per further image, {small} -> {large}':44s} {marginal:9.0f} "
-              f"{marginal / limit:6.2f} {'':>12s}")
-
+    for (small, small_s, small_cpu), (large, large_s, large_cpu) in itertools.pairwise(runs):
+        row(f"  per further image, {small} -> {large}", (large - small) / (large_s - small_s),
+            (large_cpu - small_cpu) / (large - small))
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
 
 if __name__ == "__main__":
     main()
