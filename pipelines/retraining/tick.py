@@ -38,19 +38,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads (gate)
 
-import argparse
 import dataclasses
-import hashlib
-import json
-import re
 import signal
 import sys
 import time
 from collections.abc import Sequence
-
-from apache_beam.io.filesystem import BeamIOError
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import GoogleCloudOptions
 
 from pipelines import run as run_lib
 from pipelines.cloud import access
@@ -59,260 +51,40 @@ from pipelines.cloud import dry_run as dry_run_lib
 from pipelines.cloud import vertex as vertex_lib
 from pipelines.contract import manifest as manifest_lib
 from pipelines.contract import ownership
-from pipelines.contract.command import prog
 from pipelines.contract.jsonio import read_json, write_json_atomically
-from pipelines.preprocessing.options import PreprocessConfig, UsageError, refuse_glob_characters
+from pipelines.preprocessing.options import UsageError
 from pipelines.preprocessing.options import parse_args as parse_preprocess_args
-from pipelines.preprocessing.sources import InputError, list_labels_csv
+from pipelines.preprocessing.sources import InputError
 from pipelines.retraining import gate as gate_lib
+from pipelines.retraining.options import (
+    RetrainConfig,
+    _parser,  # noqa: F401 - the Airflow test reads it here
+    parse_args,
+)
+from pipelines.retraining.store import (
+    CURRENT,
+    DATA,
+    METRICS,
+    MODEL,
+    RECORD,
+    TICK_CLAIM,
+    BaselineChanged,
+    has_files,
+    input_fingerprint,
+    new_run_id,
+    path_exists,
+    promotion_pointer,
+    read_current,
+    run_dir,
+    run_ids_with,
+    swap_current,
+    utc_text,
+)
 
 FORMAT_VERSION = 1
-CURRENT = "current.json"
-RECORD = "retrain.json"
-RUNS, DATA, MODEL = "runs", "data", "model"
-TICK_CLAIM = "_TICK_IN_PROGRESS"  # one tick per root (pipelines.contract.ownership: flock / lease)
 FINISHED = ("promoted", "rejected", "no_new_data")  # a record's statuses that end a tick
-METRICS = "metrics.json"  # the trainer writes it after the SavedModel: present = complete
-# Flags each tick sets per run; given on the command line they would fight the tick.
-OWNED_FLAGS = ("--output", "--reuse_from", "--baseline_stats", "--overwrite", "--data",
-               "--model_dir", "--warm_start")
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
 class StepFailed(RuntimeError):
     """A step of the tick (preprocess, training) did not complete."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RetrainConfig:
-    """One tick's settings, fixed and validated before any work starts."""
-
-    root: str
-    preprocess: PreprocessConfig  # parsed from preprocess_args (output is a placeholder)
-    preprocess_args: tuple[str, ...]  # preprocess and Beam flags, forwarded as given
-    trainer_args: tuple[str, ...]  # trainer flags, forwarded as given
-    model: str  # the trainer's --model (warm start needs the same architecture)
-    trainer: str = "local"  # local (a subprocess) | vertex (a Vertex AI custom job)
-    rule: gate_lib.GateRule = gate_lib.GateRule()
-    run_id: str | None = None
-    vertex: vertex_lib.VertexConfig | None = None
-    trainer_warm_start: bool = True  # the trainer has --warm_start
-    dry_run: bool = False  # print the plan only (`dry_run`)
-    check: bool = False  # with dry_run: the online checks too
-    # --deploy_endpoint: where a promoted model is deployed (artifact_uri and model_id
-    # are each run's); None: promotion only rewrites current.json.
-    deploy: deploy_lib.DeployConfig | None = None
-
-
-# ---------------------------------------------------------------- command line
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog("pipelines.retrain"), allow_abbrev=False,
-        description="One retraining tick: preprocess new images (reusing earlier runs' "
-        "shards), train a candidate, gate it against the current model, promote. Other "
-        "flags go to the preprocess job (and Beam) or the trainer.",
-    )
-    parser.add_argument("--root", required=True,
-                        help="folder or gs:// prefix holding current.json and runs/")
-    parser.add_argument("--trainer", choices=("local", "vertex"), default="local",
-                        help="train in a local subprocess or as a Vertex AI custom job")
-    parser.add_argument("--gate_metric", choices=sorted(gate_lib.METRICS), default="accuracy",
-                        help="what the gate compares: accuracy, loss, or macro_recall (the "
-                        "mean of per-class recalls)")
-    parser.add_argument("--gate_max_class_drop", type=float, metavar="X",
-                        help="also refuse a candidate if any class's recall falls more than X "
-                        "below the current model's (e.g. 0.1; default: not checked)")
-    parser.add_argument("--gate_margin", type=float, default=gate_lib.GateRule.margin,
-                        help="how much worse than the current model the candidate may be "
-                        "and still be promoted (metric units; default 0.02)")
-    parser.add_argument("--block_on_drift", choices=sorted(gate_lib.DRIFT_BLOCKING),
-                        default="error", help="drift anomaly severities that block promotion")
-    parser.add_argument("--run_id", help="name of the run folder (default: UTC time); run "
-                        "ids must sort in time order")
-    vertex_lib.add_arguments(parser)  # the same as `python -m pipelines.run`
-    parser.add_argument("--dry_run", action="store_true",
-                        help="print the tick's plan without touching Google Cloud (the Vertex "
-                        "AI job body as JSON on stdout); run nothing")
-    parser.add_argument("--check", action="store_true",
-                        help="with --dry_run: also make the online checks (credentials, "
-                        "endpoints, the input's size, what --root holds)")
-    group = parser.add_argument_group("Vertex AI endpoint (--deploy_endpoint)")
-    group.add_argument("--deploy_endpoint", metavar="NAME|ID",
-                       help="deploy each promoted model to this Vertex AI endpoint (a display "
-                       "name, created if no endpoint has it, or an ID); needs a gs:// "
-                       "--root, --project and --region (or --vertex_region)")
-    deploy_lib.add_arguments(group, prefix="deploy_")  # as `python -m pipelines.deploy`
-    return parser
-
-
-def parse_args(argv: Sequence[str]) -> RetrainConfig:
-    """Command line -> RetrainConfig; every step's flags are checked now. Raises UsageError."""
-    from trainer import config as trainer_config
-
-    argv = list(argv)
-    for token in argv:
-        if token.split("=", 1)[0] in OWNED_FLAGS:
-            raise UsageError(f"{token.split('=', 1)[0]} is set by the tick for each run "
-                             "(under --root); leave it out")
-    trainer_args, rest = run_lib.split_trainer_flags(argv)
-    known, preprocess_args = _parser().parse_known_args(rest)
-    if known.run_id and not _RUN_ID.fullmatch(known.run_id):
-        raise UsageError(f"--run_id {known.run_id!r}: letters, digits, '.', '_', '-' only")
-    root = known.root.rstrip("/")
-    refuse_glob_characters("--root", root)
-    preprocess, options = parse_preprocess_args(
-        [*preprocess_args, "--output", manifest_lib.join(root, f"{RUNS}/_")])
-    try:
-        train = trainer_config.parse_args([*trainer_args, "--data", "-", "--model_dir", "-"],
-                                          environ={})
-    except trainer_config.UsageError as err:
-        raise UsageError(f"trainer flags {' '.join(trainer_args)}: {err}") from err
-    vertex = (_vertex_config(known, options.view_as(GoogleCloudOptions), root, trainer_args)
-              if known.trainer == "vertex" else None)
-    drop = known.gate_max_class_drop
-    if drop is not None and not 0 <= drop <= 1:
-        raise UsageError(f"--gate_max_class_drop {drop:g}: a recall difference, 0 to 1")
-    return RetrainConfig(
-        root=root,
-        preprocess=preprocess,
-        preprocess_args=tuple(preprocess_args),
-        trainer_args=tuple(trainer_args),
-        model=train.model,
-        trainer=known.trainer,
-        rule=gate_lib.GateRule(known.gate_metric, known.gate_margin, known.block_on_drift,
-                               known.gate_max_class_drop),
-        run_id=known.run_id,
-        vertex=vertex,
-        trainer_warm_start="--warm_start" in run_lib.trainer_flag_arity(),
-        dry_run=known.dry_run,
-        check=known.check,
-        deploy=(_deploy_config(known, options.view_as(GoogleCloudOptions), root)
-                if known.deploy_endpoint else None),
-    )
-
-
-def _deploy_config(known: argparse.Namespace, cloud: GoogleCloudOptions,
-                   root: str) -> deploy_lib.DeployConfig:
-    """Where promoted models go, checked by building the requests now (UsageError);
-    each run fills in its SavedModel and model ID."""
-    if not root.startswith("gs://"):
-        raise UsageError("--deploy_endpoint needs a gs:// --root (Vertex AI reads models "
-                         "from gs:// only)")
-    try:
-        return deploy_lib.config_from_args(
-            known, prefix="deploy_", project=cloud.project,
-            region=known.vertex_region or cloud.region, endpoint=known.deploy_endpoint,
-            artifact_uri=manifest_lib.join(root, f"{RUNS}/_/{MODEL}"),
-            model_id=deploy_lib.model_id_for("_"))
-    except vertex_lib.SpecError as err:
-        raise UsageError(f"--deploy_endpoint: {err}") from err
-
-
-def _vertex_config(known: argparse.Namespace, cloud: GoogleCloudOptions, root: str,
-                   trainer_args: Sequence[str]) -> vertex_lib.VertexConfig:
-    """The Vertex AI job settings, checked by building a job now (UsageError)."""
-    try:
-        return vertex_lib.config_from_args(
-            known, project=cloud.project, region=cloud.region,
-            service_account=cloud.service_account_email,
-            base_output_dir=manifest_lib.join(root, f"{RUNS}/_/{MODEL}"),  # each run's, later
-            where="--root", trainer_args=trainer_args)
-    except vertex_lib.SpecError as err:
-        raise UsageError(str(err)) from err
-
-
-# ---------------------------------------------------------------- storage
-
-
-def _exists(path: str) -> bool:
-    try:
-        return FileSystems.exists(path)
-    except BeamIOError:
-        return False
-
-
-def _run_ids_with(root: str, relative: str) -> list[str]:
-    """Sorted ids of the runs under `root` that hold `relative` (e.g. 'data/manifest.json')."""
-    pattern = manifest_lib.join(root, f"{RUNS}/*/{relative}")
-    try:
-        matches = FileSystems.match([pattern])[0].metadata_list
-    except BeamIOError:
-        return []  # no runs/ yet
-    prefix = manifest_lib.join(root, RUNS).rstrip("/") + "/"
-    return sorted({m.path[len(prefix):].split("/", 1)[0] for m in matches
-                   if m.path.startswith(prefix)})
-
-
-def _has_files(folder: str) -> bool:
-    try:
-        return bool(FileSystems.match([folder.rstrip("/") + "/**"])[0].metadata_list)
-    except BeamIOError:
-        return False
-
-
-def run_dir(root: str, run_id: str) -> str:
-    return manifest_lib.join(root, f"{RUNS}/{run_id}")
-
-
-def new_run_id() -> str:
-    """UTC time to the microsecond: unique per root and sorting in time order."""
-    now = time.time()
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) + f"-{int(now % 1 * 1e6):06d}"
-
-
-def read_current(root: str) -> dict | None:
-    path = manifest_lib.join(root, CURRENT)
-    return read_json(path) if _exists(path) else None
-
-
-# ---------------------------------------------------------------- input fingerprint
-
-
-def input_fingerprint(config: RetrainConfig) -> tuple[str, int]:
-    """(sha256 hex, number of files): changes when any input file is added, removed or
-    rewritten (size or modification time), or the labels CSV, the preprocess flags or
-    the trainer flags change. One listing call (per CSV: one per listed uri); nothing
-    is read or decoded. Raises InputError if the input cannot be listed."""
-    preprocess = config.preprocess
-    if preprocess.labels_csv:
-        listing = list_labels_csv(preprocess.labels_csv)
-        with FileSystems.open(preprocess.labels_csv, compression_type="uncompressed") as f:
-            csv_hash = hashlib.sha256(f.read()).hexdigest()
-        files = []
-        uris = [s.uri for s in listing.sources]
-        for uri, result in zip(uris, FileSystems.match(uris), strict=True):
-            found = result.metadata_list
-            files.append((uri, found[0].size_in_bytes, found[0].last_updated_in_seconds)
-                         if found else (uri, -1, -1))
-        files.extend((s.uri, -1, -1) for s in listing.skipped)
-    else:
-        csv_hash = None
-        files = _list_files(preprocess.input)
-    settings = {key: value for key, value in preprocess.to_json().items()
-                if key not in ("baseline_stats", "reuse_from")}
-    payload = json.dumps({"files": files, "labels_csv": csv_hash, "preprocess": settings,
-                          "trainer": list(config.trainer_args)}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest(), len(files)
-
-
-def _list_files(root: str) -> list[tuple[str, int, float]]:
-    """(path relative to root, size, mtime) of every file under root but dot-files, which
-    the preprocess job ignores too."""
-    root = root.rstrip("/")
-    try:
-        matches = FileSystems.match([root + "/**"])[0].metadata_list
-    except Exception as err:  # noqa: BLE001 - storage clients raise many kinds; all mean "cannot list"
-        raise InputError(f"cannot list {root}: {err}") from err
-    files = []
-    for meta in matches:
-        relative = meta.path[len(root):].lstrip("/")
-        if not any(part.startswith(".") for part in relative.split("/")):
-            files.append((relative, meta.size_in_bytes, meta.last_updated_in_seconds))
-    if not files:
-        raise InputError(f"no files found under {root}")
-    return sorted(files)
 
 
 # ---------------------------------------------------------------- steps
@@ -370,7 +142,7 @@ def warm_start_from(config: RetrainConfig, current: dict | None,
     if not config.trainer_warm_start:
         return None, "the trainer has no --warm_start flag: from scratch"
     checkpoints = current.get("checkpoints")
-    if not checkpoints or not _exists(manifest_lib.join(checkpoints, "checkpoint")):
+    if not checkpoints or not path_exists(manifest_lib.join(checkpoints, "checkpoint")):
         return None, f"run {current['run_id']} left no checkpoint: from scratch"
     return checkpoints, f"warm start from run {current['run_id']} (same labels and model)"
 
@@ -388,10 +160,10 @@ def train_step(config: RetrainConfig, run_id: str, data: str, model_dir: str,
     else:
         run_step([sys.executable, "-m", "trainer.task", *args], "trainer")
     metrics_path = manifest_lib.join(model_dir, METRICS)
-    if not _exists(metrics_path):
+    if not path_exists(metrics_path):
         raise StepFailed(f"the trainer finished without writing {metrics_path}")
     metrics = read_json(metrics_path)
-    if not _exists(manifest_lib.join(metrics["saved_model"], "saved_model.pb")):
+    if not path_exists(manifest_lib.join(metrics["saved_model"], "saved_model.pb")):
         raise StepFailed(f"no SavedModel at {metrics['saved_model']}")
     return metrics
 
@@ -422,55 +194,6 @@ def gate_step(data: str, manifest: manifest_lib.Manifest, metrics: dict,
     baseline = (gate_lib.evaluate(current["saved_model"], current["labels"], batches())
                 if current else None)
     return candidate, baseline
-
-
-class BaselineChanged(RuntimeError):
-    """current.json no longer names the model the candidate was gated against."""
-
-
-def promotion_pointer(root: str, run_id: str, model_dir: str, metrics: dict,
-                      manifest: manifest_lib.Manifest,
-                      evaluation: dict, previous: dict | None) -> dict:
-    """What current.json says once this run's model (complete: metrics.json) serves."""
-    return {
-        "run_id": run_id,
-        "saved_model": metrics["saved_model"],
-        "model_dir": model_dir,
-        # Where a later tick warm-starts from (trainer: AIP_CHECKPOINT_DIR or here).
-        "checkpoints": manifest_lib.join(model_dir, "checkpoints"),
-        "data": manifest_lib.join(run_dir(root, run_id), DATA),
-        "labels": metrics["labels"],
-        "model": metrics.get("model"),
-        "image": list(manifest.image.size),
-        "metrics": {"gate_test": evaluation, "validation": metrics.get("validation"),
-                    "test": metrics.get("test")},
-        "promoted_at": _utc(time.time()),
-        "previous_run_id": previous["run_id"] if previous else None,
-    }
-
-
-def swap_current(root: str, pointer: dict, expected_run_id: str | None) -> None:
-    """Replaces current.json with `pointer` only if it still names `expected_run_id`
-    (None: only if there is none): a compare-and-swap, by GCS generation precondition
-    on gs://, and on local roots by a re-check under the tick's lock. Raises
-    BaselineChanged otherwise, leaving current.json as it is."""
-    path = manifest_lib.join(root, CURRENT)
-    if "://" not in path:
-        found = read_current(root)
-        if (found["run_id"] if found else None) != expected_run_id:
-            raise BaselineChanged(f"current.json now names {found and found['run_id']}")
-        write_json_atomically(path, pointer)
-        return
-    bucket, name = ownership.split_gcs(path)
-    blob = ownership.gcs_client().bucket(bucket).get_blob(name)
-    found = json.loads(blob.download_as_bytes()) if blob is not None else None
-    if (found["run_id"] if found else None) != expected_run_id:
-        raise BaselineChanged(f"current.json now names {found and found['run_id']}")
-    try:
-        ownership.gcs_write(path, (json.dumps(pointer, indent=2) + "\n").encode(),
-                             if_generation_match=blob.generation if blob is not None else 0)
-    except ownership.PreconditionFailed as err:
-        raise BaselineChanged("current.json was replaced during the promotion") from err
 
 
 # ---------------------------------------------------------------- the tick
@@ -531,7 +254,7 @@ def last_finished_record(root: str, current: dict | None) -> dict | None:
     """The newest record of a tick that ended. A `promoting` record (killed between its
     record and the swap) counts as promoted if current.json names its run, else not at
     all: that candidate was never served."""
-    for run_id in reversed(_run_ids_with(root, RECORD)):
+    for run_id in reversed(run_ids_with(root, RECORD)):
         record = read_json(manifest_lib.join(run_dir(root, run_id), RECORD))
         if record.get("status") == "promoting" and current and current["run_id"] == run_id:
             return {**record, "status": "promoted"}
@@ -544,14 +267,14 @@ def _tick(config: RetrainConfig, run_id: str, claim: ownership.OutputClaim) -> R
     started = time.time()
     root = config.root
     folder = run_dir(root, run_id)
-    if _has_files(folder):
+    if has_files(folder):
         raise UsageError(f"{folder} exists; give another --run_id")
     current = read_current(root)
     last = last_finished_record(root, current)
     fingerprint, num_files = input_fingerprint(config)
     record = RetrainRecord(
         run_id=run_id,
-        started_at=_utc(started),
+        started_at=utc_text(started),
         input=config.preprocess.input or config.preprocess.labels_csv,
         root=root,
         fingerprint=fingerprint,
@@ -570,7 +293,7 @@ def _tick(config: RetrainConfig, run_id: str, claim: ownership.OutputClaim) -> R
                          "nothing to do")
         return _finish(record, folder, timings, started)
 
-    previous_runs = _run_ids_with(root, f"{DATA}/{manifest_lib.MANIFEST}")
+    previous_runs = run_ids_with(root, f"{DATA}/{manifest_lib.MANIFEST}")
     previous = (manifest_lib.join(run_dir(root, previous_runs[-1]), DATA)
                 if previous_runs else None)
     data = manifest_lib.join(folder, DATA)
@@ -659,7 +382,7 @@ def deploy_step(config: deploy_lib.DeployConfig, run_id: str, saved_model: str) 
 def _finish(record: RetrainRecord, folder: str, timings: dict, started: float
             ) -> RetrainRecord:
     timings["total_s"] = round(time.time() - started, 2)
-    record.finished_at, record.timings = _utc(time.time()), timings
+    record.finished_at, record.timings = utc_text(time.time()), timings
     write_json_atomically(manifest_lib.join(folder, RECORD), record.to_json())
     return record
 
@@ -675,10 +398,6 @@ def summary(record: RetrainRecord) -> str:
     return (f"[retrain] run {record.run_id}: {record.decoded} decoded, "
             f"{record.reused} reused; candidate accuracy {accuracy}{versus}: "
             f"{record.status} ({record.reason}) {took}")
-
-
-def _utc(seconds: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def _log(message: str) -> None:
