@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -45,6 +46,13 @@ def test_a_weights_file_loads_into_the_backbone(tmp_path):
         np.testing.assert_array_equal(got, want)
     # Pretrained: the application's own scaling, not mean/std.
     assert "normalize" not in [layer.name for layer in model.layers]
+    # BatchNorm: pretrained keeps the application's momentum (and runs in inference mode);
+    # from scratch it settles as fast as small_cnn's.
+    def momenta(built):
+        return {layer.momentum for layer in built.get_layer("backbone").layers
+                if isinstance(layer, keras.layers.BatchNormalization)}
+    assert momenta(model) == {0.999}
+    assert momenta(make_model("mobilenet_v3_small", IMAGE, 4, np.zeros(3), np.ones(3))) == {0.9}
 
 
 def test_imagenet_offline_fails_with_one_clear_line(photo_prep, tmp_path):

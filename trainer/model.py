@@ -101,6 +101,7 @@ APPLICATIONS: dict[str, Application] = {
                             preprocess=keras.applications.resnet50.preprocess_input),
 }
 BACKBONES = ("small_cnn", *APPLICATIONS)
+SCRATCH_BN_MOMENTUM = 0.9  # as small_cnn's: settles within tens of steps
 
 
 def make_backbone(name: str, image_shape: tuple[int, int, int],
@@ -132,6 +133,21 @@ def make_backbone(name: str, image_shape: tuple[int, int, int],
                 f"--weights {weights}: not a weights file of {name} at {image_shape}: "
                 f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
     return backbone
+
+
+def settle_batch_norm(backbone: keras.Model, momentum: float = SCRATCH_BN_MOMENTUM) -> None:
+    """Sets every BatchNormalization layer of `backbone` to `momentum`.
+
+    The applications keep ImageNet's momentum (0.99 to 0.999): their moving statistics
+    need thousands of steps to leave their initial values, while a user's folder trains
+    for tens or hundreds. From scratch the network then evaluates (inference mode, moving
+    statistics) as a different network from the one it trained (batch statistics), at
+    chance. With pretrained weights the backbone runs in inference mode and this does
+    not apply.
+    """
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = momentum
 
 
 def make_model(
@@ -174,6 +190,7 @@ def make_model(
         backbone = make_backbone(name, image_shape, weights)
         backbone.name = "backbone"
         if weights == "none":
+            settle_batch_norm(backbone)
             x = normalization(mean, std, app.scratch_scale)(inputs)
         else:
             x = keras.ops.cast(inputs, "float32")
