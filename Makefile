@@ -27,8 +27,12 @@ lock:
 	$(LOCK_VENV)/bin/python -m pipelines.cloud.packaging lock
 	rm -rf $(LOCK_VENV)
 
+# Two test processes by default: much of the suite waits on subprocesses (pipelines,
+# trainers, the storage emulator), so two share even a 2-core machine well. Each file runs
+# whole in one process (--dist loadfile), so module fixtures are built once.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20
 
 demo: install
 	$(PY) -m tests.support.demo
