@@ -252,35 +252,60 @@ def one_run(photos, size: int, seed: int, args) -> dict[str, tuple[float, float,
     return rows
 
 
-def decode_rate(files: list[bytes], size: int, store: str) -> tuple[float, float]:
-    """(stored KiB per image, images/s the trainer's decode reaches on them)."""
+def decode_pass(files: list[bytes], size: int, store: str):
+    """(stored KiB per image, a function that runs the trainer's decode over them once and
+    returns the number of images)."""
     encoded, image_format = encode_stored(files, size, store)
     dataset = tf.data.Dataset.from_tensor_slices(encoded * max(1, 4000 // len(encoded))).batch(
         64).map(lambda b: input_lib.decode_stored(b, image_format, size, size),
                 num_parallel_calls=tf.data.AUTOTUNE)
-    return (np.mean([len(e) for e in encoded]) / 1024, _rate(dataset))
+    return np.mean([len(e) for e in encoded]) / 1024, lambda: sum(
+        int(batch.shape[0]) for batch in dataset)
 
 
-def serving_rate(files: list[bytes], size: int, stored_as: str | None) -> float:
-    """images/s of the serving graph's decode/resize(/stored format) over `files`."""
-    dataset = tf.data.Dataset.from_tensor_slices(files).batch(32).map(
-        lambda batch: tf.map_fn(
-            lambda d: imaging_tf.process_image(d, (size, size), stored_as=stored_as), batch,
-            parallel_iterations=8, fn_output_signature=tf.TensorSpec([size, size, 3],
-                                                                      tf.uint8)))
-    return _rate(dataset)
+def serving_pass(files: list[bytes], size: int, stored_as: str | None):
+    """A function that runs the serving signature's decode/resize(/stored format) over
+    `files` in batches of 32, as `trainer.serving` maps it, and returns the image count."""
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def serve(batch):
+        return tf.map_fn(lambda d: imaging_tf.process_image(d, (size, size), stored_as=stored_as),
+                         batch, parallel_iterations=8,
+                         fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
+
+    batches = [tf.constant(files[i:i + 32]) for i in range(0, len(files), 32)]
+    return lambda: sum(int(serve(batch).shape[0]) for batch in batches)
 
 
-def _rate(dataset: tf.data.Dataset, repeats: int = 3) -> float:
-    """Best of `repeats` passes (the machine is shared: the best is the least disturbed)."""
-    count = sum(int(batch.shape[0]) for batch in dataset)  # also the warm-up pass
-    best = 0.0
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for _ in dataset:
-            pass
-        best = max(best, count / (time.perf_counter() - started))
+def best_rates(passes: dict[str, object], rounds: int = 5) -> dict[str, float]:
+    """Images/s of each pass: the best of `rounds` rounds, every pass once a round, so a
+    burst of load from other processes on a shared machine hits all of them alike."""
+    for run in passes.values():
+        run()  # warm-up: tracing, first reads
+    best = dict.fromkeys(passes, 0.0)
+    for _ in range(rounds):
+        for name, run in passes.items():
+            started = time.perf_counter()
+            count = run()
+            best[name] = max(best[name], count / (time.perf_counter() - started))
     return best
+
+
+def throughput(photos, size: int) -> None:
+    files, _, _ = photo_set(photos, 10, size, 99)
+    stores = ("jpeg", "jpeg444_q95", "png", "raw")
+    sizes, passes = {}, {}
+    for store in stores:
+        sizes[store], passes[store] = decode_pass(files, size, store)
+    passes["serving"] = serving_pass(files, size, None)
+    passes["serving+jpeg"] = serving_pass(files, size, "jpeg")
+    rates = best_rates(passes)
+    for store in stores:
+        print(f"{size:4d} px  trainer input decode  {store:12s} {sizes[store]:6.1f} KiB/image "
+              f"{rates[store]:8.0f} images/s ({rates[store] / rates['jpeg']:.2f}x jpeg)",
+              flush=True)
+    print(f"{size:4d} px  serving graph  without stored format {rates['serving']:6.0f} images/s,"
+          f" with the JPEG round trip {rates['serving+jpeg']:6.0f} images/s "
+          f"({rates['serving+jpeg'] / rates['serving']:.2f}x)", flush=True)
 
 
 def main() -> None:
@@ -295,6 +320,8 @@ def main() -> None:
     parser.add_argument("--skip_throughput", action="store_true")
     parser.add_argument("--pixels_only", action="store_true",
                         help="only the pixel differences (no training, no throughput)")
+    parser.add_argument("--throughput_only", action="store_true")
+    parser.add_argument("--skip_pixels", action="store_true")
     args = parser.parse_args()
     photos = load_photos()
     started = time.perf_counter()
@@ -302,11 +329,11 @@ def main() -> None:
           f"{args.held_out_per_class} held-out files a class, {args.epochs} epochs, small_cnn, "
           f"seeds {args.seeds}; agreement | accuracy on stored | accuracy served "
           f"(medians over the seeds)")
-    for size in args.sizes:
+    for size in [] if args.throughput_only or args.skip_pixels else args.sizes:
         pixel_differences(photos, size, args.seeds[0])
     if args.pixels_only:
         return
-    for size in args.sizes:
+    for size in [] if args.throughput_only else args.sizes:
         runs = []
         for seed in args.seeds:
             runs.append(one_run(photos, size, seed, args))
@@ -320,15 +347,7 @@ def main() -> None:
                   f"accuracy stored {median[1]:.3f} served {median[2]:.3f}", flush=True)
     if not args.skip_throughput:
         for size in args.sizes:
-            files, _, _ = photo_set(photos, 10, size, 99)
-            for store in ("jpeg", "jpeg444_q95", "png", "raw"):
-                kib, rate = decode_rate(files, size, store)
-                print(f"{size:4d} px  trainer input decode  {store:12s} {kib:6.1f} KiB/image "
-                      f"{rate:8.0f} images/s", flush=True)
-            plain, stored = serving_rate(files, size, None), serving_rate(files, size, "jpeg")
-            print(f"{size:4d} px  serving graph  without stored format {plain:6.0f} images/s, "
-                  f"with the JPEG round trip {stored:6.0f} images/s ({stored / plain:.2f}x)",
-                  flush=True)
+            throughput(photos, size)
     print(f"total {time.perf_counter() - started:.0f} s")
 
 
