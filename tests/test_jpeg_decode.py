@@ -115,3 +115,20 @@ def test_damaged_jpegs_keep_pils_verdict():
             differ.append((name, edits))
     assert not differ, differ[:3]
     assert 100 < decoded < 580, "mutants should both decode and fail"
+
+
+def test_crafted_sparse_jpegs_skip_the_fast_path():
+    """A file simplejpeg refuses is decoded again by PIL; the crafted large canvases must not
+    pay twice, so they go to PIL directly (their decode cost is what the fuzz bounds hold)."""
+    hostile = {name: data for name, data in fuzz_images.hostile_images().items()
+               if name.endswith(".jpg")}
+    opened = 0
+    for name, data in hostile.items():
+        try:
+            header = imaging.open_header(data)
+        except DecodeError:
+            continue
+        opened += 1
+        if header.size[0] * header.size[1] > 4_000_000:
+            assert imaging._decode_turbo(data, header, (32, 32)) is None, name
+    assert opened

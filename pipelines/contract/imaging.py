@@ -233,6 +233,13 @@ def decode_image(
     return image, source_format, original
 
 
+# A file that simplejpeg refuses is decoded a second time by PIL. Photos, even flat ones,
+# carry far more than a byte per 1,000 pixels; the files far sparser than that are crafted or
+# damaged (a large canvas declared by a few KB, fuzz_images.hostile_images), and the costliest
+# of those go straight to PIL, so the worst decode costs what it cost before simplejpeg.
+TURBO_MAX_PIXELS_PER_BYTE = 1000
+
+
 def draft_scale(size: tuple[int, int], want: tuple[int, int]) -> int:
     """PIL's `JpegImageFile.draft` choice of DCT scale for a (width, height) `size` that
     must still cover `want` (width, height): the largest of 8, 4, 2, 1 not above either
@@ -248,9 +255,9 @@ def _decode_turbo(data: bytes, header: Image.Image,
     or None to let PIL decode: for CMYK/YCCK (PIL's own colour conversion is the
     contract) and for anything simplejpeg refuses, so PIL's decoder gives every verdict
     on a damaged file and the dead-letter reasons stay PIL's."""
-    if header.mode not in ("RGB", "L"):
-        return None
     width, height = header.size
+    if header.mode not in ("RGB", "L") or width * height > TURBO_MAX_PIXELS_PER_BYTE * len(data):
+        return None
     scale = 1 if want is None else draft_scale((width, height), want)
     try:
         # libjpeg-turbo picks the smallest scaling factor that still covers min_*: with
