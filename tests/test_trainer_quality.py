@@ -23,7 +23,14 @@ from pipelines.contract.manifest import read_manifest
 from trainer import config as config_lib
 from trainer import evaluation, train
 from trainer import input as input_lib
-from trainer.model import make_backbone, make_model
+from trainer.model import (
+    NORMALIZATION,
+    input_scaling,
+    make_backbone,
+    make_model,
+    save_backbone_weights,
+    weights_scaling,
+)
 
 IMAGE = (64, 64, 3)
 
@@ -53,6 +60,26 @@ def test_a_weights_file_loads_into_the_backbone(tmp_path):
                 if isinstance(layer, keras.layers.BatchNormalization)}
     assert momenta(model) == {0.999}
     assert momenta(make_model("mobilenet_v3_small", IMAGE, 4, np.zeros(3), np.ones(3))) == {0.9}
+
+
+def test_a_weights_file_of_ours_keeps_the_scaling_it_learnt_with(tmp_path):
+    # A from-scratch run learns on mean/std-normalised pixels; its weights file says so, and
+    # a model loading it normalises again instead of the application's [-1, 1] rescaling
+    # (with which fine-tuning from such a file ended below chance).
+    mean, std = np.array([120.0, 110.0, 100.0]), np.array([60.0, 50.0, 40.0])
+    scratch = make_model("mobilenet_v3_small", IMAGE, 4, mean, std)
+    path = tmp_path / "ours.weights.h5"
+    save_backbone_weights(scratch, str(path))
+    assert weights_scaling(str(path)) == NORMALIZATION
+    loaded = make_model("mobilenet_v3_small", IMAGE, 4, mean, std, weights=str(path))
+    assert input_scaling(loaded) == NORMALIZATION
+    loaded.get_layer("probabilities").set_weights(
+        scratch.get_layer("probabilities").get_weights())
+    images = np.random.default_rng(0).integers(0, 256, (4, *IMAGE), dtype=np.uint8)
+    np.testing.assert_allclose(loaded(images, training=False), scratch(images, training=False),
+                               atol=1e-6)
+    # A file without the record (ImageNet weights, a random backbone) is the application's.
+    assert weights_scaling(str(_weights_file(tmp_path)[0])) != NORMALIZATION
 
 
 def test_imagenet_offline_fails_with_one_clear_line(photo_prep, tmp_path):

@@ -13,8 +13,10 @@ serving code import Keras 3 only (tf_keras is loaded just to read the transform)
 Applications are built with `include_top=False` and average pooling; ours adds a
 float32 softmax (float32 even under mixed precision, so probabilities sum to 1). From
 scratch (`weights="none"`) they get the mean/std normalisation; with pretrained weights
-(ImageNet, or a weights file) the input scaling those weights were trained with, also
-inside the model, so the SavedModel serves what was trained (docs/training.md).
+the input scaling those weights were trained with, also inside the model, so the
+SavedModel serves what was trained (docs/training.md): ImageNet weights and foreign
+files get the application's own preprocessing, a weights file this trainer wrote
+(`save_backbone_weights`) says in the file which one it learnt with.
 """
 
 from __future__ import annotations
@@ -104,16 +106,76 @@ BACKBONES = ("small_cnn", *APPLICATIONS)
 SCRATCH_BN_MOMENTUM = 0.9  # as small_cnn's: settles within tens of steps
 
 
+# A weights file records the input scaling its backbone learnt with, in this HDF5 attribute
+# of the file's root: NORMALIZATION (the tf.Transform mean/std, a from-scratch run of ours)
+# or APPLICATION (the application's own preprocessing). Files without it (ImageNet weights
+# saved by anyone, a random backbone) are APPLICATION, what Keras' own weights expect.
+SCALING_ATTRIBUTE = "imagebeam_input_scaling"
+NORMALIZATION, APPLICATION = "normalization", "application"
+
+
+def weights_scaling(weights: str) -> str:
+    """The input scaling `weights` (none, imagenet or a file) were trained with.
+
+    Loaded with another scaling than they learnt with, weights see other pixels: fine-tuning
+    from a from-scratch run of ours with the application's [-1, 1] rescaling instead of
+    mean/std ended below chance (docs/training.md).
+    """
+    if weights == "none":
+        return NORMALIZATION
+    if weights == "imagenet":
+        return APPLICATION
+    import h5py  # deferred: only weights files need it
+    import tensorflow as tf  # gfile: the file may be on Cloud Storage
+
+    try:
+        with tf.io.gfile.GFile(weights, "rb") as handle, h5py.File(handle, "r") as file:
+            scaling = file.attrs.get(SCALING_ATTRIBUTE, APPLICATION)
+    except (OSError, tf.errors.OpError):
+        return APPLICATION  # not readable: make_backbone says so when it loads
+    return scaling.decode() if isinstance(scaling, bytes) else str(scaling)
+
+
+def input_scaling(model: keras.Model) -> str:
+    """NORMALIZATION when `model` (from make_model) standardises its input with mean/std,
+    else APPLICATION."""
+    return NORMALIZATION if any(layer.name == "normalize" for layer in model.layers) \
+        else APPLICATION
+
+
+def save_backbone_weights(model: keras.Model, path: str) -> None:
+    """Writes the backbone of `model` (from make_model) as a weights file for `--weights
+    PATH`, recording the input scaling it learnt with, so a run loading it keeps it."""
+    import shutil
+    import tempfile
+
+    import h5py
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory() as tmp:  # h5py writes local files only
+        local = f"{tmp}/backbone.weights.h5"
+        model.get_layer("backbone").save_weights(local)
+        with h5py.File(local, "a") as file:
+            file.attrs[SCALING_ATTRIBUTE] = input_scaling(model)
+        if "://" in path:
+            tf.io.gfile.copy(local, path, overwrite=True)
+        else:
+            shutil.copyfile(local, path)
+
+
 def make_backbone(name: str, image_shape: tuple[int, int, int],
-                  weights: str = "none") -> keras.Model:
+                  weights: str = "none", scaling: str | None = None) -> keras.Model:
     """The application `name` without its top, pooled: float [B, H, W, 3] -> [B, features].
 
     weights: `none` (random), `imagenet` (downloaded by Keras, cached under ~/.keras) or
     the path of a weights file (`.weights.h5`, as `backbone.save_weights` writes) of the
     same application and input shape. Raises WeightsUnavailable when they cannot be had.
+    scaling: NORMALIZATION builds it without its own preprocessing, APPLICATION with it;
+    by default what `weights` were trained with (weights_scaling).
     """
     app = APPLICATIONS[name]
-    kwargs = app.scratch_kwargs if weights == "none" else app.pretrained_kwargs
+    scaling = scaling or weights_scaling(weights)
+    kwargs = app.scratch_kwargs if scaling == NORMALIZATION else app.pretrained_kwargs
     try:
         backbone = app.builder(include_top=False,
                                weights="imagenet" if weights == "imagenet" else None,
@@ -169,8 +231,9 @@ def make_model(
       mean, std: float32 [3], per-channel statistics of 0..255 train pixels: the
         normalisation of models trained from scratch.
       weights: `none`, `imagenet` or a weights file (applications only, see
-        make_backbone). Pretrained weights bring the application's own preprocessing in
-        place of mean/std. The backbone is the layer named `backbone`.
+        make_backbone). Pretrained weights bring the scaling they were trained with
+        (weights_scaling): the application's own preprocessing, or mean/std for a file of
+        ours from a from-scratch run. The backbone is the layer named `backbone`.
     Returns:
       Model: uint8 [B, H, W, 3] -> float32 [B, num_classes] softmax probabilities.
     """
@@ -187,10 +250,13 @@ def make_model(
         x = _small_cnn(normalization(mean, std)(inputs))
     else:
         app = APPLICATIONS[name]
-        backbone = make_backbone(name, image_shape, weights)
+        scaling = weights_scaling(weights)
+        backbone = make_backbone(name, image_shape, weights, scaling)
         backbone.name = "backbone"
         if weights == "none":
             settle_batch_norm(backbone)
+        if scaling == NORMALIZATION:
+            # The target's own statistics: the weights learnt on standardised pixels.
             x = normalization(mean, std, app.scratch_scale)(inputs)
         else:
             x = keras.ops.cast(inputs, "float32")

@@ -39,7 +39,14 @@ from trainer import evaluation as evaluation_lib
 from trainer import input as input_lib
 from trainer import report as report_lib
 from trainer.config import CHECKPOINT_SECONDS, TrainConfig, UsageError
-from trainer.model import WeightsUnavailable, make_model
+from trainer.model import (
+    APPLICATIONS,
+    NORMALIZATION,
+    WeightsUnavailable,
+    input_scaling,
+    make_model,
+    save_backbone_weights,
+)
 from trainer.schedule import Phase, PhasedSchedule, phases  # noqa: F401 (Phase: tests)
 
 log = logging.getLogger(__name__)
@@ -353,6 +360,10 @@ def run(config: TrainConfig) -> dict:
                                  **evaluation_lib.evaluate(*predictions[split], spec.labels)}
     clock["evaluated"] = time.perf_counter()
     _export(model, spec, config, runtime)
+    if runtime.is_chief and config.model in APPLICATIONS:
+        # A weights file for --weights PATH (pre-train on one set, fine-tune on another);
+        # it records this run's input scaling, which a run loading it keeps.
+        save_backbone_weights(model, f"{config.model_dir}/{BACKBONE_WEIGHTS}")
     clock["exported"] = time.perf_counter()
     metrics = {
         "epochs": len(history),
@@ -369,8 +380,10 @@ def run(config: TrainConfig) -> dict:
         "peak_rss_mb": peak_rss_mb(),
         "model": config.model,
         "weights": config.weights,
-        "input_scaling": (f"{config.model} preprocessing" if config.pretrained
-                          else "normalization"),
+        "backbone_weights": (f"{config.model_dir}/{BACKBONE_WEIGHTS}"
+                             if config.model in APPLICATIONS else None),
+        "input_scaling": ("normalization" if input_scaling(model) == NORMALIZATION
+                          else f"{config.model} preprocessing"),
         "schedule": [dataclasses.asdict(p) for p in schedule],
         "lr_schedule": config.lr_schedule,
         "warmup_epochs": config.warmup_epochs,
@@ -400,6 +413,9 @@ def run(config: TrainConfig) -> dict:
         _write_report(metrics, config, spec, predictions.get("test"))
         _write_json(f"{config.model_dir}/metrics.json", metrics)
     return metrics
+
+
+BACKBONE_WEIGHTS = "backbone.weights.h5"
 
 
 def _timings(clock: dict[str, float]) -> dict[str, float]:
