@@ -102,11 +102,7 @@ def histogram_chart(
     peak = _nice_max(max(count for _, _, count in buckets))
     step = plot_w / len(buckets)
     parts = [_svg_open(width, height, f"histogram of {x_label}")]
-    for tick in range(5):
-        y = top + plot_h * (1 - tick / 4)
-        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - 10}" y2="{y:.1f}" '
-                     f'class="grid"/><text x="{left - 4}" y="{y + 3:.1f}" class="tick" '
-                     f'text-anchor="end">{compact_number(peak * tick / 4)}</text>')
+    parts.append(_value_grid(left, width - 10, top, plot_h, peak))
     label_every = max(1, math.ceil(len(buckets) / 8))
     for i, (low, high, count) in enumerate(buckets):
         h = plot_h * count / peak
@@ -137,11 +133,7 @@ def column_chart(
     peak = _nice_max(max(value for _, value, _ in items))
     step = min(plot_w / len(items), 48)  # a handful of shards must not look like walls
     parts = [_svg_open(width, height, f"chart of {y_label}")]
-    for tick in range(5):
-        y = top + plot_h * (1 - tick / 4)
-        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - 10}" y2="{y:.1f}" '
-                     f'class="grid"/><text x="{left - 4}" y="{y + 3:.1f}" class="tick" '
-                     f'text-anchor="end">{compact_number(peak * tick / 4)}</text>')
+    parts.append(_value_grid(left, width - 10, top, plot_h, peak))
     for i, (label, value, colour) in enumerate(items):
         h = plot_h * value / peak
         parts.append(f'<rect x="{left + i * step + 1:.1f}" y="{top + plot_h - h:.1f}" '
@@ -167,11 +159,7 @@ def line_chart(xs: Sequence[float], series: Mapping[str, Sequence[float | None]]
         return left + plot_w * (x - low) / span, top + plot_h * (1 - y / peak)
 
     parts = [_svg_open(width, height, f"{y_label} by {x_label}")]
-    for tick in range(5):
-        y = top + plot_h * (1 - tick / 4)
-        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}" '
-                     f'class="grid"/><text x="{left - 4}" y="{y + 3:.1f}" class="tick" '
-                     f'text-anchor="end">{compact_number(peak * tick / 4)}</text>')
+    parts.append(_value_grid(left, width - right, top, plot_h, peak))
     for x in xs:
         parts.append(f'<text x="{point(x, 0)[0]:.1f}" y="{top + plot_h + 14}" class="tick" '
                      f'text-anchor="middle">{compact_number(x)}</text>')
@@ -189,6 +177,17 @@ def line_chart(xs: Sequence[float], series: Mapping[str, Sequence[float | None]]
                      f'class="legend">{escape(name)}</text>')
     parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 6}" class="axis" '
                  f'text-anchor="middle">{escape(x_label)}</text></svg>')
+    return "".join(parts)
+
+
+def _value_grid(left: float, right: float, top: float, plot_h: float, peak: float) -> str:
+    """Five horizontal grid lines from 0 to `peak`, each labelled at the left."""
+    parts = []
+    for tick in range(5):
+        y = top + plot_h * (1 - tick / 4)
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}" '
+                     f'class="grid"/><text x="{left - 4}" y="{y + 3:.1f}" class="tick" '
+                     f'text-anchor="end">{compact_number(peak * tick / 4)}</text>')
     return "".join(parts)
 
 

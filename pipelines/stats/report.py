@@ -389,6 +389,8 @@ def near_duplicate_rows(root: str, pairs: Sequence, shard_infos: Sequence
                         ) -> list[dict]:
     """The first MAX_NEAR_DUPLICATES_SHOWN pairs (leakage first), each with both images'
     thumbnails, read from the written shards where the shards' index lines place them."""
+    if not pairs:
+        return []  # nothing to show: the shards' index lines need not be parsed
     pairs = sorted(pairs, key=lambda p: (not p.across_splits, p.distance, p.sha256_a))
     pairs = pairs[:MAX_NEAR_DUPLICATES_SHOWN]
     wanted = {sha for pair in pairs for sha in (pair.sha256_a, pair.sha256_b)}
