@@ -96,12 +96,50 @@ def test_beam_transform_equals_the_in_memory_search():
     assert len(expected) >= 10
     with TestPipeline() as pipeline:
         pairs = pipeline | beam.Create(images) | nd.FindNearDuplicates(THRESHOLD)
-        assert_that(pairs, equal_to(expected))
+        assert_that(pairs, equal_to([tuple(expected)]))
 
 
 def test_a_full_bucket_is_cut_not_compared_whole():
     same = [nd.Member(0, f"{i:04d}", "train", ()) for i in range(30)]
-    assert len(list(nd.pairs_in_bucket(same, THRESHOLD, limit=10))) == 45
+    assert len(nd.find_pairs(same, THRESHOLD, limit=10)) == 45
+
+
+def _bucket_by_bucket(members, threshold, limit):
+    """The search written plainly: a dict of buckets per band key, each sorted by (hash,
+    sha256), cut to `limit`, every pair in it checked."""
+    buckets = {}
+    for member in members:
+        for band, positions in enumerate(nd._BAND_POSITIONS):
+            key = 0
+            for position in positions:
+                key = (key << 1) | ((member.perceptual_hash >> position) & 1)
+            buckets.setdefault((band, key), []).append(member)
+    found = {}
+    for bucket in buckets.values():
+        bucket = sorted(bucket, key=lambda m: (m.perceptual_hash, m.sha256))[:limit]
+        for first, second in combinations(bucket, 2):
+            distance = hamming(first.perceptual_hash, second.perceptual_hash)
+            if distance <= threshold:
+                pair = nd.make_pair(first, second, distance)
+                found[pair.sha256_a, pair.sha256_b] = pair
+    return [found[key] for key in sorted(found)]
+
+
+@pytest.mark.parametrize("limit", [nd.MAX_BUCKET, 25])
+def test_vectorised_search_equals_the_bucket_by_bucket_one(limit):
+    """Random hashes (small buckets), a family of look-alikes (buckets of 60, cut at 25
+    in one case) and exact copies of one hash: every bucket size the search handles."""
+    rng = random.Random(11)
+    hashes = [rng.getrandbits(64) for _ in range(400)]
+    family = rng.getrandbits(64)
+    hashes += [family ^ (1 << rng.randrange(64)) ^ (1 << rng.randrange(64)) for _ in range(60)]
+    hashes += [hashes[0]] * 20
+    members = [nd.Member(h, hashlib.sha256(str(i).encode()).hexdigest(), "train", ("a",))
+               for i, h in enumerate(hashes)]
+    expected = _bucket_by_bucket(members, THRESHOLD, limit)
+    assert len(expected) > 60 * 59 // 2 if limit == nd.MAX_BUCKET else len(expected) > 300
+    assert nd.find_pairs(members, THRESHOLD, limit) == expected
+    assert nd.find_pairs(members[:1], THRESHOLD) == nd.find_pairs([], THRESHOLD) == []
 
 
 def test_preprocess_lists_planted_near_duplicates_counts_them_and_shows_leakage(

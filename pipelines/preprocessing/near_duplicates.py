@@ -11,9 +11,9 @@ are then checked exactly against the Hamming threshold. A key shared by more tha
 `MAX_BUCKET`, by hash order, so one degenerate bucket cannot make the job quadratic.
 
 Shapes:
-  UniqueImage -> (band key, Member)   `BANDS` keys per hashed image
-  -> GroupByKey -> candidate pairs within each bucket, checked exactly
-  -> Distinct -> NearDuplicatePair (sha256_a < sha256_b), once however many keys agree
+  UniqueImage -> Member -> one list of every Member
+  -> (`find_pairs`: per band, buckets of equal keys, candidate pairs checked exactly)
+  -> one tuple of NearDuplicatePair (sha256_a < sha256_b), once however many keys agree
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import dataclasses
 import json
 import math
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -73,20 +73,17 @@ class NearDuplicatePair:
         return set(self.labels_a) != set(self.labels_b)
 
     def to_json(self) -> str:
-        row = dataclasses.asdict(self)
-        del row["established_a"], row["established_b"]
-        row["labels_a"], row["labels_b"] = list(self.labels_a), list(self.labels_b)
-        return json.dumps(row, sort_keys=True)
+        return json.dumps({"distance": self.distance, "labels_a": list(self.labels_a),
+                           "labels_b": list(self.labels_b), "sha256_a": self.sha256_a,
+                           "sha256_b": self.sha256_b, "split_a": self.split_a,
+                           "split_b": self.split_b}, sort_keys=True)
 
 
-def band_keys(perceptual_hash: int) -> list[tuple[int, int]]:
-    """(band, the hash's bits at that band's positions) for every band."""
-    keys = []
-    for band, positions in enumerate(_BAND_POSITIONS):
-        value = 0
-        for position in positions:
-            value = (value << 1) | ((perceptual_hash >> position) & 1)
-        keys.append((band, value))
+def band_keys(hashes: np.ndarray, positions: Sequence[int]) -> np.ndarray:
+    """Each hash's bits at one band's `positions`, as a number (uint64 in, uint64 out)."""
+    keys = np.zeros_like(hashes)
+    for position in positions:
+        keys = (keys << np.uint64(1)) | ((hashes >> np.uint64(position)) & np.uint64(1))
     return keys
 
 
@@ -99,27 +96,56 @@ def recall_bound(distance: int, bands: int = BANDS, band_bits: int = BAND_BITS,
     return 1 - (1 - same) ** bands
 
 
-def pairs_in_bucket(members: Iterable[Member], threshold: int,
-                    limit: int = MAX_BUCKET) -> Iterator[NearDuplicatePair]:
-    """Every pair of the bucket within `threshold` bits, the bucket cut to `limit`.
-    Buckets of random keys are small and compared in plain Python; those of look-alike
-    images can be large, and compare each member against the rest at once in NumPy."""
-    members = sorted(members, key=lambda m: (m.perceptual_hash, m.sha256))[:limit]
-    if len(members) < _NUMPY_FROM:
-        for i, first in enumerate(members):
-            for second in members[i + 1:]:
-                distance = (first.perceptual_hash ^ second.perceptual_hash).bit_count()
-                if distance <= threshold:
-                    yield make_pair(first, second, distance)
-        return
-    hashes = np.array([member.perceptual_hash for member in members], dtype=np.uint64)
-    for i, first in enumerate(members[:-1]):
-        distances = np.bitwise_count(hashes[i + 1:] ^ hashes[i])
-        for j in np.flatnonzero(distances <= threshold):
-            yield make_pair(first, members[i + 1 + j], int(distances[j]))
+def close_pairs_in_buckets(keys: np.ndarray, hashes: np.ndarray, threshold: int,
+                           limit: int = MAX_BUCKET) -> tuple[np.ndarray, ...]:
+    """(first, second, distance) index arrays, first < second, of every pair of images that
+    share a key and whose hashes are within `threshold` bits. `hashes` are in the order a
+    bucket is cut in: a bucket of more than `limit` images compares only its first `limit`.
+
+    Most buckets hold a few images: those are compared all at once, one offset within the
+    bucket at a time; the few large ones (look-alike images) each as a whole matrix."""
+    order = np.argsort(keys, kind="stable")  # stable: within a bucket, by index
+    starts = np.flatnonzero(np.r_[True, keys[order][1:] != keys[order][:-1]])
+    sizes = np.minimum(np.diff(np.r_[starts, len(keys)]), limit)
+    found = [_small_bucket_pairs(order, starts, sizes)]
+    found += [_bucket_matrix_pairs(order[start:start + size])
+              for start, size in zip(starts[sizes > _SMALL_BUCKET], sizes[sizes > _SMALL_BUCKET],
+                                     strict=True)]
+    first = np.concatenate([pair[0] for pair in found])
+    second = np.concatenate([pair[1] for pair in found])
+    distance = np.bitwise_count(hashes[first] ^ hashes[second])
+    close = distance <= threshold
+    return first[close], second[close], distance[close]
 
 
-_NUMPY_FROM = 64  # bucket size from which NumPy's per-call cost pays
+_SMALL_BUCKET = 16  # larger buckets are compared as a matrix each
+
+
+def _small_bucket_pairs(order: np.ndarray, starts: np.ndarray,
+                        sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair within the buckets of 2.._SMALL_BUCKET images: for each offset k, each
+    member with k more members after it pairs with the one k places on."""
+    small = (sizes >= 2) & (sizes <= _SMALL_BUCKET)
+    # Each small bucket's members' places in `order`, and how many follow each in its bucket.
+    places = np.concatenate([np.arange(start, start + size)
+                             for start, size in zip(starts[small], sizes[small], strict=True)]
+                            or [np.zeros(0, np.int64)])
+    following = np.concatenate([np.arange(size - 1, -1, -1) for size in sizes[small]]
+                               or [np.zeros(0, np.int64)])
+    firsts, seconds = [], []
+    for offset in range(1, int(sizes[small].max(initial=1))):
+        at = places[following >= offset]
+        firsts.append(order[at])
+        seconds.append(order[at + offset])
+    if not firsts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(firsts), np.concatenate(seconds)
+
+
+def _bucket_matrix_pairs(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair (i < j) of one bucket's member indices."""
+    first, second = np.triu_indices(len(members), k=1)
+    return members[first], members[second]
 
 
 def make_pair(first: Member, second: Member, distance: int) -> NearDuplicatePair:
@@ -128,17 +154,24 @@ def make_pair(first: Member, second: Member, distance: int) -> NearDuplicatePair
                              b.labels, a.established, b.established)
 
 
-def find_pairs(members: Sequence[Member], threshold: int = DEFAULT_THRESHOLD
-               ) -> list[NearDuplicatePair]:
-    """The pipeline's answer for a list in memory (tests, benchmarks): the same keys and
-    checks as `FindNearDuplicates`, sorted by (sha256_a, sha256_b)."""
-    buckets: dict[tuple[int, int], list[Member]] = {}
-    for member in members:
-        for key in band_keys(member.perceptual_hash):
-            buckets.setdefault(key, []).append(member)
-    found = {(p.sha256_a, p.sha256_b): p for bucket in buckets.values()
-             for p in pairs_in_bucket(bucket, threshold)}
-    return [found[key] for key in sorted(found)]
+def find_pairs(members: Sequence[Member], threshold: int = DEFAULT_THRESHOLD,
+               limit: int = MAX_BUCKET) -> list[NearDuplicatePair]:
+    """Every pair of `members` that shares a band key and lies within `threshold` bits,
+    each once, sorted by (sha256_a, sha256_b). Buckets are cut to `limit` members in
+    (hash, sha256) order."""
+    members = sorted(members, key=lambda member: (member.perceptual_hash, member.sha256))
+    hashes = np.fromiter((member.perceptual_hash for member in members), np.uint64,
+                         count=len(members))
+    firsts, seconds, distances = zip(*(
+        close_pairs_in_buckets(band_keys(hashes, positions), hashes, threshold, limit)
+        for positions in _BAND_POSITIONS), strict=True)
+    # The same pair found by several bands, once.
+    codes, once = np.unique(np.concatenate(firsts) * len(members) + np.concatenate(seconds),
+                            return_index=True)
+    distances = np.concatenate(distances)[once]
+    pairs = [make_pair(members[code // len(members)], members[code % len(members)], distance)
+             for code, distance in zip(codes.tolist(), distances.tolist(), strict=True)]
+    return sorted(pairs, key=lambda pair: (pair.sha256_a, pair.sha256_b))
 
 
 def summarize(pairs: Iterable[NearDuplicatePair], threshold: int) -> dict:
@@ -201,7 +234,6 @@ class KeepTogether(beam.PTransform):
         moves = (
             unique_images
             | "Find" >> FindNearDuplicates(self._threshold)
-            | "Collect" >> beam.combiners.ToList()
             # {sha256: split}: only the images that move
             | "Anchors" >> beam.Map(moved_splits)
         )
@@ -212,7 +244,14 @@ class KeepTogether(beam.PTransform):
 
 
 class FindNearDuplicates(beam.PTransform):
-    """UniqueImage -> NearDuplicatePair, each pair once."""
+    """UniqueImage -> one element: the tuple of every NearDuplicatePair, each once, sorted
+    by (sha256_a, sha256_b).
+
+    The search runs in one place over every image's hash (`find_pairs`, vectorised): the
+    members travel once, as one list (about 150 bytes an image on the worker that
+    searches), where keying each image by its `BANDS` band keys sent each through a
+    shuffle that many times, and every pair through a second one.
+    """
 
     def __init__(self, threshold: int = DEFAULT_THRESHOLD):
         super().__init__()
@@ -223,14 +262,6 @@ class FindNearDuplicates(beam.PTransform):
         return (
             unique_images
             | "ToMembers" >> beam.FlatMap(lambda image: [m for m in [_member(image)] if m])
-            # ((band, key), Member), BANDS per image
-            | "BandKeys" >> beam.FlatMap(
-                lambda member: [(key, member) for key in band_keys(member.perceptual_hash)])
-            | "GroupBuckets" >> beam.GroupByKey()
-            | "PairsInBucket" >> beam.FlatMap(
-                lambda keyed: pairs_in_bucket(keyed[1], threshold))
-            # ((sha256_a, sha256_b), pair): the same pair from several bands, once
-            | "KeyByPair" >> beam.Map(lambda pair: ((pair.sha256_a, pair.sha256_b), pair))
-            | "GroupPairs" >> beam.GroupByKey()
-            | "OnePerPair" >> beam.Map(lambda keyed: next(iter(keyed[1])))
+            | "CollectMembers" >> beam.combiners.ToList()
+            | "Search" >> beam.Map(lambda members: tuple(find_pairs(members, threshold)))
         )

@@ -113,7 +113,6 @@ def add_statistics(
         stats = stats_lib.build_statistics(dict(aggregates), split_names, summary)
         stats_lib.add_near_duplicate_counts(stats, pairs)
         stats_lib.write_statistics(manifest_lib.join(output, stats_lib.STATISTICS_PATH), stats)
-        pairs = sorted(pairs, key=lambda p: (p.sha256_a, p.sha256_b))
         _write_text(manifest_lib.join(output, near_duplicates.PATH),
                     "".join(pair.to_json() + "\n" for pair in pairs))
         if baseline is not None:
@@ -134,7 +133,7 @@ def add_statistics(
         write_statistics,
         aggregates=beam.pvalue.AsList(aggregates),
         errors=beam.pvalue.AsList(errors),
-        pairs=beam.pvalue.AsList(pairs),
+        pairs=beam.pvalue.AsSingleton(pairs),
     )
 
     def write_report(_, written, shard_infos, errors, counts, duplicates, transform) -> dict:
