@@ -36,6 +36,7 @@ from pipelines.contract import manifest as manifest_lib
 from pipelines.contract import ownership
 from pipelines.local import analysis_process
 from pipelines.local.progress import ProgressPrinter
+from pipelines.preprocessing import decode_workers
 from pipelines.preprocessing import output as output_lib
 from pipelines.preprocessing.options import PreprocessConfig, UsageError, parse_args
 from pipelines.preprocessing.pipeline import (
@@ -229,6 +230,7 @@ def main() -> None:
     # module state is gone (PyUpb_RepeatedContainer_Dealloc -> PyModule_GetState(NULL);
     # protocolbuffers/protobuf#22067). run() has finished every write, the manifest
     # included, and gc'd the pipeline; skip the teardown so the exit code tells the truth.
+    decode_workers.close_shared()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

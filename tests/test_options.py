@@ -7,6 +7,7 @@ from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 from pipelines.preprocessing.options import (
     PreprocessConfig,
     beam_options,
+    decode_processes,
     decode_threads,
     local_runner,
 )
@@ -32,6 +33,19 @@ def test_decode_threads_use_every_core_only_where_bundles_run_one_at_a_time():
     assert decode_threads(auto, threaded) == 1
     assert decode_threads(auto, beam_options(["--runner", "DataflowRunner"])) == 1
     assert decode_threads(PreprocessConfig(output="unused", decode_threads=5), threaded) == 5
+
+
+def test_worker_processes_decode_only_for_the_in_process_runner_on_several_cores(monkeypatch):
+    auto = PreprocessConfig(output="unused")
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert decode_processes(auto, beam_options([])) == 4
+    assert decode_processes(auto, beam_options(["--direct_running_mode", "multi_threading"])) == 0
+    assert decode_processes(auto, beam_options(["--runner", "DataflowRunner"])) == 0
+    # --decode_threads asks for threads in this process.
+    assert decode_processes(PreprocessConfig(output="unused", decode_threads=2),
+                            beam_options([])) == 0
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert decode_processes(auto, beam_options([])) == 0
 
 
 def test_the_direct_runner_names_run_in_process_without_trying_prism():

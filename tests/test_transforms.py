@@ -26,8 +26,8 @@ from pipelines.preprocessing.transforms import (
 from tests import corpus
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_decode_routes_bad_files_to_dead_letters(tmp_path, threads):
+@pytest.mark.parametrize("threads, processes", [(1, 0), (3, 0), (1, 2)])
+def test_decode_routes_bad_files_to_dead_letters(tmp_path, threads, processes):
     good = corpus.every_encoding()["baseline.jpg"]
     (tmp_path / "a.jpg").write_bytes(good)
     (tmp_path / "b.jpg").write_bytes(b"")
@@ -39,7 +39,7 @@ def test_decode_routes_bad_files_to_dead_letters(tmp_path, threads):
             p
             | beam.Create(sources)
             | beam.ParDo(DecodeSourceFn(ImageSpec(16, 16), str(tmp_path / "spill"), None,
-                                        threads=threads))
+                                        threads=threads, processes=processes))
             .with_outputs(ERRORS_TAG, main="images")
         )
         assert_that(out.images | "Uris" >> beam.Map(lambda d: d.uri),

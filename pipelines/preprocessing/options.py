@@ -58,7 +58,8 @@ class PreprocessConfig:
     progress: bool = True
     baseline_stats: str | None = None  # an earlier run's stats/statistics.pb: drift
     reuse_from: str | None = None  # an earlier output whose stored images may be reused
-    decode_threads: int = 0  # per decoding DoFn; 0 = auto (decode_threads()); not output
+    # per decoding DoFn; 0 = auto (decode_threads(), decode_processes()); not output
+    decode_threads: int = 0
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE  # dead letters / image files, at most
     run_id: str | None = None  # the output claim's id (pipelines.contract.ownership); not output
     # report: list near-duplicate pairs; keep_together: also put a new image in the split
@@ -172,9 +173,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="an earlier output: images it stored with the same image config "
                         "are copied from its shards instead of decoded again")
     parser.add_argument("--decode_threads", type=int, default=0,
-                        help="threads reading and decoding files in each decoding step "
-                        "(default 0 = auto: every core on the local in_memory runner, 1 "
-                        "where the runner already runs a worker per core)")
+                        help="threads reading and decoding files in each decoding step, in "
+                        "this process (default 0 = auto: on the local in_memory runner, "
+                        "threads read and a worker process per core decodes; 1 where the "
+                        "runner already runs a worker per core)")
     parser.add_argument("--baseline_stats", metavar="URI",
                         help="an earlier run's stats/statistics.pb (or its output folder): "
                         "report drift against it "
@@ -295,6 +297,16 @@ def decode_threads(config: PreprocessConfig, options: PipelineOptions) -> int:
     if config.decode_threads:
         return config.decode_threads
     return (os.cpu_count() or 1) if runs_in_this_process(options) else 1
+
+
+def decode_processes(config: PreprocessConfig, options: PipelineOptions) -> int:
+    """Worker processes that decode beside the pipeline's (`decode_workers`): one per core
+    where bundles run one at a time in this process and there is more than one core,
+    unless --decode_threads asked for threads; else 0 (decode in the step's threads)."""
+    cores = os.cpu_count() or 1
+    if config.decode_threads or cores < 2 or not runs_in_this_process(options):
+        return 0
+    return cores
 
 
 def runs_in_this_process(options: PipelineOptions) -> bool:

@@ -25,6 +25,7 @@ from pipelines.preprocessing.after_all import AfterAll
 from pipelines.preprocessing.options import (
     PreprocessConfig,
     UsageError,
+    decode_processes,
     decode_threads,
     local_runner,
 )
@@ -91,7 +92,8 @@ def build_pipeline(
     decoded = (
         listed
         | "Decode" >> beam.ParDo(DecodeSourceFn(config.image, spill_dir, progress_dir,
-                                                decode_threads(config, options)),
+                                                decode_threads(config, options),
+                                                decode_processes(config, options)),
                                  **_reuse_side_input(pipeline, config))
         .with_outputs(ERRORS_TAG, main="images")
     )

@@ -17,7 +17,7 @@ import hashlib
 import json
 import uuid
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import apache_beam as beam
@@ -31,9 +31,10 @@ from apache_beam.utils.windowed_value import WindowedValue
 from google.api_core import exceptions as google_errors
 
 from pipelines.contract import record_index, records
-from pipelines.contract.imaging import DecodeError, ImageSpec, ProcessedImage, process_image
+from pipelines.contract.imaging import ImageSpec, ProcessedImage, process_image
 from pipelines.local.progress import WorkerCounter
-from pipelines.preprocessing import splits
+from pipelines.preprocessing import decode_workers, splits
+from pipelines.preprocessing.decode_workers import DecodeFailure, decode_or_failure
 from pipelines.preprocessing.options import PreprocessConfig
 from pipelines.preprocessing.sources import SourceFile, literal_pattern
 from pipelines.preprocessing.spill import SpillRef, SpillWriter, read_spilled
@@ -210,8 +211,11 @@ class DecodeOutcome:
 
 
 def decode_source(source: SourceFile, spec: ImageSpec,
-                  reuse: dict[str, ReuseEntry] | None = None) -> DecodeOutcome:
+                  reuse: dict[str, ReuseEntry] | None = None,
+                  decode: Callable[[bytes, ImageSpec], ProcessedImage | DecodeFailure]
+                  = decode_or_failure) -> DecodeOutcome:
     """Reads and decodes one file. Pure apart from the read, and safe in any thread.
+    `decode`: `decode_or_failure`, here or in a worker process (`decode_workers`).
 
     A file that cannot be read for good, or does not decode, is an outcome (a dead
     letter), not an exception; transient read errors raise, so Beam retries the bundle.
@@ -227,16 +231,10 @@ def decode_source(source: SourceFile, spec: ImageSpec,
     if reuse and sha256 in reuse:
         return DecodeOutcome("images_reused", reused=_reused_image(source, reuse[sha256],
                                                                     len(data)))
-    try:
-        image = process_image(data, spec)
-    except DecodeError as err:
-        return DecodeOutcome(f"errors_{err.reason}", error=ErrorRow(
-            source.uri, err.reason, "decode", err.detail[:500]))
-    except Exception as err:  # noqa: BLE001 - recorded as a dead letter, never swallowed
-        # PIL's decoders raise a zoo of types on crafted input (KeyError,
-        # struct.error, ...): the file is bad, the job is not.
-        return DecodeOutcome("errors_decoder_failure", error=ErrorRow(
-            source.uri, "decoder_failure", "decode", f"{type(err).__name__}: {err}"[:500]))
+    image = decode(data, spec)
+    if isinstance(image, DecodeFailure):
+        return DecodeOutcome(f"errors_{image.reason}", error=ErrorRow(
+            source.uri, image.reason, "decode", image.detail))
     # ImageMeta.of hashes the stored bytes here, in the decode threads.
     return DecodeOutcome("images_decoded", image=image, meta=ImageMeta.of(image), sha256=sha256,
                          source_bytes=len(data))
@@ -247,18 +245,23 @@ class DecodeSourceFn(beam.DoFn):
 
     With `threads` > 1 the files of a bundle are read and decoded by a thread pool
     (Pillow releases the GIL while it decodes, resizes and encodes; reads wait on
-    storage), a bounded window of them in flight, outputs in input order. That is how
-    the single-threaded local runner uses every core: 2 threads decode 1.7x as many
-    images a second as 1 on 2 cores. Counters, progress and the spill file stay on the
-    bundle's thread, where Beam's metrics live.
+    storage), a bounded window of them in flight, outputs in input order. With
+    `processes`, worker processes decode (`decode_workers`: the local in_memory runner
+    runs every step in one thread of one process, which the GIL would otherwise bound)
+    and the threads read, hash and wait. Counters, progress and the spill file stay on
+    the bundle's thread, where Beam's metrics live.
     """
 
     def __init__(self, spec: ImageSpec, spill_dir: str, progress_dir: str | None,
-                 threads: int = 1):
+                 threads: int = 1, processes: int = 0):
         self._spec = spec
         self._spill_dir = spill_dir
         self._progress_dir = progress_dir
-        self._threads = threads
+        # With worker processes, two threads per worker: one waits on its worker while
+        # the other reads the next file.
+        self._threads = max(threads, 2 * processes)
+        self._processes = processes
+        self._decode = decode_or_failure
         self._spill: SpillWriter | None = None
         self._progress: WorkerCounter | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -267,6 +270,8 @@ class DecodeSourceFn(beam.DoFn):
     def setup(self) -> None:
         if self._progress_dir:
             self._progress = WorkerCounter(self._progress_dir)
+        if self._processes:
+            self._decode = decode_workers.shared(self._processes).decode
         if self._threads > 1:
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="decode")
 
@@ -277,10 +282,11 @@ class DecodeSourceFn(beam.DoFn):
     def process(self, source: SourceFile, reuse: dict[str, ReuseEntry] | None = None) -> Iterator:
         """`reuse`: sha256 -> image an earlier run stored with the same image config."""
         if self._pool is None:
-            yield from self._outputs(source, decode_source(source, self._spec, reuse))
+            yield from self._outputs(source, decode_source(source, self._spec, reuse,
+                                                           self._decode))
             return
         self._in_flight.append(self._pool.submit(
-            lambda: (source, decode_source(source, self._spec, reuse))))
+            lambda: (source, decode_source(source, self._spec, reuse, self._decode))))
         # Two per thread keeps every thread busy without holding the bundle in memory.
         while len(self._in_flight) > 2 * self._threads:
             yield from self._outputs(*self._in_flight.popleft().result())
