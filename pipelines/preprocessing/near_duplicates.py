@@ -49,7 +49,7 @@ class Member:
     established: bool = False  # stored by an earlier output (--reuse_from): its split stays
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)  # slots: tens of thousands in one list
 class NearDuplicatePair:
     sha256_a: str  # the smaller of the two
     sha256_b: str
