@@ -14,6 +14,12 @@ the preprocess output of exactly those files, every image in `train`):
 - ours, raw shards: the same over `--image_format raw` shards (no decode at all);
 - ours, cache: default shards with `--cache memory` (decoded once, epoch 1 excluded).
 
+And the decode limit of the stored format: a loop that only decodes the train split's
+stored JPEGs, held in memory, with libjpeg-turbo (simplejpeg; ISLOW and fancy upsampling,
+as the trainer's `decode_jpeg`) in one process per core. "Input alone" of the default
+shards is compared with it: what the rest of the input (reading, parsing, shuffling,
+batching) costs on top of decoding.
+
 A shared machine's load swings, so the sides take turns, `--rounds` times; each
 reports its best epoch in images per wall-clock second, and its median epoch in
 images per CPU-second of this process (robust to other load; on an idle machine
@@ -28,14 +34,17 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse
+import multiprocessing
 import resource
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from pipelines.contract import records
 from pipelines.contract.manifest import read_manifest
 from tests.benchmarks.trainer_data import prepared
 from trainer import input as input_lib
@@ -86,6 +95,39 @@ def input_only_seconds(dataset, steps: int) -> tuple[float, float]:
     for _ in range(steps):
         next(batches)
     return time.perf_counter() - started[0], cpu_seconds() - started[1]
+
+
+def stored_jpegs(spec: input_lib.DataSpec, split: str = "train") -> list[bytes]:
+    """The stored image bytes of every record of `split`."""
+    encoded = []
+    for shard in spec.splits[split]:
+        with Path(shard.path).open("rb") as handle:
+            encoded += [records.parse_example(r)[records.ENCODED][0]
+                        for r in records.read_records(handle)]
+    return encoded
+
+
+def _decode_all(chunk: list[bytes]) -> int:
+    import simplejpeg
+
+    for data in chunk:
+        simplejpeg.decode_jpeg(data)
+    return len(chunk)
+
+
+def decode_limit(encoded: list[bytes], rounds: int) -> float:
+    """Best images/s of decoding `encoded` in one process per core, nothing else."""
+    cores = os.cpu_count() or 1
+    chunks = [encoded[i::cores] for i in range(cores)]
+    best = 0.0
+    # spawn: this process has loaded TensorFlow, which a fork must not copy.
+    with multiprocessing.get_context("spawn").Pool(cores) as pool:
+        pool.map(_decode_all, chunks)  # warm up: imports, page faults
+        for _ in range(rounds):
+            started = time.perf_counter()
+            pool.map(_decode_all, chunks)
+            best = max(best, len(encoded) / (time.perf_counter() - started))
+    return best
 
 
 def print_storage(raw, specs: dict[str, input_lib.DataSpec]) -> None:
@@ -154,6 +196,10 @@ def main(argv: list[str] | None = None) -> None:
         cpu_rate = float(np.median(per_cpu[name]))
         print(f"{name:40s} {best[name]:9.0f} {best[name] / base_wall:6.2f} {cpu_rate:13.0f} "
               f"{cpu_rate / base_cpu:6.2f} {feed[name]:12.0f} {feed[name] / feed[keras_name]:6.2f}")
+    limit = decode_limit(stored_jpegs(specs["jpeg"]), args.rounds)
+    ours = feed["ours, JPEG shards (default)"]
+    print(f"decode-only loop over the stored JPEGs ({os.cpu_count()} processes): {limit:.0f} "
+          f"images/s; the default shards' input alone: {ours:.0f} = {ours / limit:.2f} of it")
     print_storage(raw, specs)
     print("images/s: best epoch (wall clock); images/CPU-s: median epoch, images per second "
           "of CPU used by this process (what a busy machine does not distort); input alone: "
