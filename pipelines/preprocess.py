@@ -38,7 +38,12 @@ from pipelines.local import analysis_process
 from pipelines.local.progress import ProgressPrinter
 from pipelines.preprocessing import decode_workers
 from pipelines.preprocessing import output as output_lib
-from pipelines.preprocessing.options import PreprocessConfig, UsageError, parse_args
+from pipelines.preprocessing.options import (
+    PreprocessConfig,
+    UsageError,
+    decode_processes,
+    parse_args,
+)
 from pipelines.preprocessing.pipeline import (
     LOCAL_RUNNERS,
     build_pipeline,
@@ -144,6 +149,8 @@ def _run_claimed(config: PreprocessConfig, options: PipelineOptions, analysis: s
     print(f"[preprocess] {len(listing.sources)} image files, {len(listing.skipped)} skipped, "
           f"{len(label_vocabulary(listing))} labels -> {config.output}", file=sys.stderr)
     started = time.monotonic()
+    if processes := decode_processes(config, options):
+        decode_workers.shared(processes)  # started now, they load while the pipeline is built
     with _progress(config, listing, local) as progress_dir:
         pipeline = build_pipeline(config, options, listing, progress_dir, baseline,
                                   analysis=analysis)
