@@ -16,9 +16,10 @@ the preprocess output of exactly those files, every image in `train`):
 
 And the decode limit of the stored format: a loop that only decodes the train split's
 stored JPEGs, held in memory, with libjpeg-turbo (simplejpeg; ISLOW and fancy upsampling,
-as the trainer's `decode_jpeg`) in one process per core. "Input alone" of the default
-shards is compared with it: what the rest of the input (reading, parsing, shuffling,
-batching) costs on top of decoding.
+as the trainer's `decode_jpeg`) in one process per core, and TensorFlow's own decode of the
+same bytes in tf.data, batched as the input decodes them. "Input alone" of the default shards
+is compared with both: the first is the format's limit on these cores, the second separates
+what the rest of the input (reading, parsing, shuffling) costs from TensorFlow's decoder.
 
 A shared machine's load swings, so the sides take turns, `--rounds` times; each
 reports its best epoch in images per wall-clock second, and its median epoch in
@@ -130,6 +131,22 @@ def decode_limit(encoded: list[bytes], rounds: int) -> float:
     return best
 
 
+def tf_decode_limit(encoded: list[bytes], rounds: int) -> float:
+    """Best images/s of TensorFlow decoding `encoded`, held in memory, in batches exactly
+    as the input decodes them (`decode_stored`), and nothing else: no files, no parsing,
+    no shuffle."""
+    batches = (tf.data.Dataset.from_tensor_slices(encoded).batch(BATCH)
+               .map(lambda batch: input_lib.decode_stored(batch, "jpeg", SIZE, SIZE),
+                    num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE))
+    best = 0.0
+    for _ in range(rounds + 1):  # the first pass traces and warms up
+        started = time.perf_counter()
+        for _ in batches:
+            pass
+        best = max(best, len(encoded) / (time.perf_counter() - started))
+    return best
+
+
 def print_storage(raw, specs: dict[str, input_lib.DataSpec]) -> None:
     """Bytes on disk per image: the other half of the shard format choice."""
     files = list(raw.rglob("*.jpg"))
@@ -196,10 +213,13 @@ def main(argv: list[str] | None = None) -> None:
         cpu_rate = float(np.median(per_cpu[name]))
         print(f"{name:40s} {best[name]:9.0f} {best[name] / base_wall:6.2f} {cpu_rate:13.0f} "
               f"{cpu_rate / base_cpu:6.2f} {feed[name]:12.0f} {feed[name] / feed[keras_name]:6.2f}")
-    limit = decode_limit(stored_jpegs(specs["jpeg"]), args.rounds)
+    encoded = stored_jpegs(specs["jpeg"])
+    limit, tf_limit = decode_limit(encoded, args.rounds), tf_decode_limit(encoded, args.rounds)
     ours = feed["ours, JPEG shards (default)"]
-    print(f"decode-only loop over the stored JPEGs ({os.cpu_count()} processes): {limit:.0f} "
-          f"images/s; the default shards' input alone: {ours:.0f} = {ours / limit:.2f} of it")
+    print(f"decode-only loops over the stored JPEGs: simplejpeg in {os.cpu_count()} processes "
+          f"{limit:.0f} images/s, TensorFlow's decode_jpeg in tf.data {tf_limit:.0f}; the default "
+          f"shards' input alone {ours:.0f} = {ours / limit:.2f} of the first, "
+          f"{ours / tf_limit:.2f} of the second")
     print_storage(raw, specs)
     print("images/s: best epoch (wall clock); images/CPU-s: median epoch, images per second "
           "of CPU used by this process (what a busy machine does not distort); input alone: "
