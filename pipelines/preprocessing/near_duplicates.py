@@ -103,49 +103,36 @@ def close_pairs_in_buckets(keys: np.ndarray, hashes: np.ndarray, threshold: int,
     bucket is cut in: a bucket of more than `limit` images compares only its first `limit`.
 
     Most buckets hold a few images: those are compared all at once, one offset within the
-    bucket at a time; the few large ones (look-alike images) each as a whole matrix."""
+    bucket at a time; the few large ones (look-alike images) each as a whole matrix. Each
+    batch of candidates is checked as it is made, so memory holds the close pairs and one
+    bucket's candidates, not every candidate of the band."""
     order = np.argsort(keys, kind="stable")  # stable: within a bucket, by index
-    starts = np.flatnonzero(np.r_[True, keys[order][1:] != keys[order][:-1]])
-    sizes = np.minimum(np.diff(np.r_[starts, len(keys)]), limit)
-    found = [_small_bucket_pairs(order, starts, sizes)]
-    found += [_bucket_matrix_pairs(order[start:start + size])
-              for start, size in zip(starts[sizes > _SMALL_BUCKET], sizes[sizes > _SMALL_BUCKET],
-                                     strict=True)]
-    first = np.concatenate([pair[0] for pair in found])
-    second = np.concatenate([pair[1] for pair in found])
-    distance = np.bitwise_count(hashes[first] ^ hashes[second])
-    close = distance <= threshold
-    return first[close], second[close], distance[close]
+    sorted_keys = keys[order]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    lengths = np.diff(np.r_[starts, len(keys)])
+    sizes = np.minimum(lengths, limit)
+    # For each place in `order`: its bucket, and how many members follow it within the cut.
+    bucket = np.repeat(np.arange(len(starts)), lengths)
+    following = sizes[bucket] - 1 - (np.arange(len(keys)) - starts[bucket])
+    found = [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint8))]
+
+    def keep_close(first: np.ndarray, second: np.ndarray) -> None:
+        distance = np.bitwise_count(hashes[first] ^ hashes[second])
+        close = distance <= threshold
+        found.append((first[close], second[close], distance[close]))
+
+    places = np.flatnonzero((sizes[bucket] <= _SMALL_BUCKET) & (following >= 1))
+    for offset in range(1, _SMALL_BUCKET):
+        places = places[following[places] >= offset]
+        keep_close(order[places], order[places + offset])
+    for start, size in zip(starts[sizes > _SMALL_BUCKET], sizes[sizes > _SMALL_BUCKET],
+                           strict=True):
+        first, second = np.triu_indices(size, k=1)
+        keep_close(order[start + first], order[start + second])
+    return tuple(np.concatenate(column) for column in zip(*found, strict=True))
 
 
 _SMALL_BUCKET = 16  # larger buckets are compared as a matrix each
-
-
-def _small_bucket_pairs(order: np.ndarray, starts: np.ndarray,
-                        sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every pair within the buckets of 2.._SMALL_BUCKET images: for each offset k, each
-    member with k more members after it pairs with the one k places on."""
-    small = (sizes >= 2) & (sizes <= _SMALL_BUCKET)
-    # Each small bucket's members' places in `order`, and how many follow each in its bucket.
-    places = np.concatenate([np.arange(start, start + size)
-                             for start, size in zip(starts[small], sizes[small], strict=True)]
-                            or [np.zeros(0, np.int64)])
-    following = np.concatenate([np.arange(size - 1, -1, -1) for size in sizes[small]]
-                               or [np.zeros(0, np.int64)])
-    firsts, seconds = [], []
-    for offset in range(1, int(sizes[small].max(initial=1))):
-        at = places[following >= offset]
-        firsts.append(order[at])
-        seconds.append(order[at + offset])
-    if not firsts:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(firsts), np.concatenate(seconds)
-
-
-def _bucket_matrix_pairs(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every pair (i < j) of one bucket's member indices."""
-    first, second = np.triu_indices(len(members), k=1)
-    return members[first], members[second]
 
 
 def make_pair(first: Member, second: Member, distance: int) -> NearDuplicatePair:
