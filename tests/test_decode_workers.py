@@ -4,6 +4,8 @@ worker that dies costs one file, not the job."""
 from __future__ import annotations
 
 import os
+import signal
+import sys
 
 import pytest
 
@@ -44,9 +46,34 @@ def test_a_worker_that_dies_makes_one_dead_letter_and_is_replaced(workers):
     good = corpus.every_encoding()["baseline.jpg"]
     crashed = workers.decode(b"", _ExitsWhenUnpickled())
     assert crashed == DecodeFailure("decoder_crash", "the decoding process died (exit status 3)")
-    # Both workers (the replacement among them) still decode.
+    # Both workers (the restarted one among them) still decode.
     results = [workers.decode(good, SPEC) for _ in range(4)]
     assert results == [decode_or_failure(good, SPEC)] * 4
+
+
+def test_a_worker_killed_while_idle_is_started_again_without_blaming_the_next_file():
+    good = corpus.every_encoding()["baseline.jpg"]
+    pool = DecodeWorkers(1)
+    try:
+        assert pool.decode(good, SPEC) == decode_or_failure(good, SPEC)
+        (worker,) = pool._all
+        os.kill(worker._process.pid, signal.SIGKILL)
+        worker._process.wait()
+        assert pool.decode(good, SPEC) == decode_or_failure(good, SPEC)
+    finally:
+        pool.close()
+
+
+def test_where_workers_cannot_start_files_decode_in_this_process(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # every worker exits at once
+    pool = DecodeWorkers(2)
+    try:
+        files = [corpus.every_encoding()["baseline.jpg"], b""]
+        assert [pool.decode(d, SPEC) for d in files * 2] == [
+            decode_or_failure(d, SPEC) for d in files * 2]
+    finally:
+        pool.close()
+    assert capsys.readouterr().err.count("decoding in this process instead") == 1
 
 
 def test_shared_workers_are_started_once_and_closed_on_request():

@@ -10,8 +10,9 @@ A worker is a plain Python child (`serve_stdio`) speaking
 length-prefixed pickles over its stdin and stdout. It imports only the imaging code:
 multiprocessing's spawn and forkserver would import the parent's main module (Apache
 Beam) in each worker, and fork would copy a threaded process. A worker that dies on a
-file (a crashing decoder) makes that file a dead letter, `decoder_crash`, and is
-replaced: one hostile file does not end the job.
+file (a crashing decoder) makes that file a dead letter, `decoder_crash`, and starts again:
+one hostile file does not end the job. Where workers cannot start at all, the files decode
+in the step's threads, as with `--decode_threads`.
 """
 
 from __future__ import annotations
@@ -57,8 +58,21 @@ class WorkerDied(RuntimeError):
     """A worker process ended while it held a file."""
 
 
+class WorkersUnavailable(RuntimeError):
+    """A worker process ended before it was ready: they cannot start here at all."""
+
+
+_READY = b"R"  # a worker's first byte on stdout: its imports are done
+
+
 class _Worker:
+    """One child process, started again in place after any failure: a worker whose
+    streams may be out of step never serves another file."""
+
     def __init__(self):
+        self._start()
+
+    def _start(self) -> None:
         env = dict(os.environ)
         # The child finds the modules this process found, installed or not.
         env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p]
@@ -67,14 +81,28 @@ class _Worker:
         command = f"from {__name__} import serve_stdio; serve_stdio()"
         self._process = subprocess.Popen([sys.executable, "-c", command], env=env,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._ready = False
+        self._broken = False
 
     def call(self, data: bytes, spec: ImageSpec) -> ProcessedImage | DecodeFailure:
+        """Raises WorkerDied (the file killed it), WorkersUnavailable (it never started)."""
+        if self._broken or self._process.poll() is not None:  # e.g. killed while idle
+            self.close()
+            self._start()
         try:
+            if not self._ready:
+                if self._process.stdout.read(len(_READY)) != _READY:
+                    raise WorkersUnavailable(f"a decode worker exited with status "
+                                             f"{self._process.wait()} before it was ready")
+                self._ready = True
             _send(self._process.stdin, (data, spec))
             return _receive(self._process.stdout)
         except (OSError, EOFError) as err:
-            code = self._process.wait()
-            raise WorkerDied(f"exit status {code}") from err
+            self._broken = True
+            raise WorkerDied(f"exit status {self._process.wait()}") from err
+        except BaseException:
+            self._broken = True
+            raise
 
     def close(self) -> None:
         try:
@@ -89,37 +117,34 @@ class DecodeWorkers:
     """`count` worker processes, each serving one calling thread at a time."""
 
     def __init__(self, count: int):
+        self._all = [_Worker() for _ in range(count)]
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
-        self._all: list[_Worker] = []
-        self._lock = threading.Lock()
-        for _ in range(count):
-            self._idle.put(self._start())
+        for worker in self._all:
+            self._idle.put(worker)
+        self._unavailable = False
 
     def decode(self, data: bytes, spec: ImageSpec) -> ProcessedImage | DecodeFailure:
-        """`decode_or_failure(data, spec)` in a free worker; waits for one."""
+        """`decode_or_failure(data, spec)` in a free worker; waits for one. Where workers
+        cannot start at all, decodes in this thread instead (and says so once)."""
+        if self._unavailable:
+            return decode_or_failure(data, spec)
         worker = self._idle.get()
         try:
             return worker.call(data, spec)
         except WorkerDied as err:
-            worker.close()
-            with self._lock:
-                self._all.remove(worker)
-            worker = self._start()
             return DecodeFailure("decoder_crash", f"the decoding process died ({err})")
+        except WorkersUnavailable as err:
+            if not self._unavailable:
+                self._unavailable = True
+                print(f"[preprocess] {err}; decoding in this process instead",
+                      file=sys.stderr)
+            return decode_or_failure(data, spec)
         finally:
-            self._idle.put(worker)
+            self._idle.put(worker)  # it starts again on its next call if it must
 
     def close(self) -> None:
-        with self._lock:
-            for worker in self._all:
-                worker.close()
-            self._all.clear()
-
-    def _start(self) -> _Worker:
-        worker = _Worker()
-        with self._lock:
-            self._all.append(worker)
-        return worker
+        for worker in self._all:
+            worker.close()
 
 
 _SHARED: dict[int, DecodeWorkers] = {}
@@ -180,4 +205,6 @@ def serve_stdio() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray print must not corrupt replies
+    replies.write(_READY)
+    replies.flush()
     _serve(sys.stdin.buffer, replies)
