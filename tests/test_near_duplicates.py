@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 import random
 from itertools import combinations
 from types import SimpleNamespace
@@ -175,6 +176,45 @@ def test_preprocess_lists_planted_near_duplicates_counts_them_and_shows_leakage(
                  or set(row["labels_a"]) != set(row["labels_b"])]
     assert 'id="near-duplicates"' in page
     assert page.count('class="thumblabel">distance') == len(anomalous) >= 4
+
+
+def _pair(a, b, split_a="train", split_b="train", labels_a=("x",), labels_b=("x",),
+          distance=3, established_a=False):
+    return nd.NearDuplicatePair(a, b, distance, split_a, split_b, labels_a, labels_b,
+                                established_a)
+
+
+def test_a_pair_list_crosses_pickling_whole_and_weighs_little_in_beams_state_cache():
+    import objsize  # what Beam's state cache weighs side inputs with
+
+    pairs = [_pair(f"{i:064x}", f"{i + 1:064x}", "train", ["train", "test"][i % 2],
+                   ("x",), (("x",), ("y",))[i % 3 == 0], i % 13, established_a=i % 5 == 0)
+             for i in range(3000)]
+    as_tuple = tuple(pairs)
+    arrived = pickle.loads(pickle.dumps(nd.PairList(pairs)))
+    # What Beam's state cache walks when a side input arrives: the list and its blob, not
+    # every pair and string.
+    assert sum(1 for _ in objsize.traverse_bfs(arrived)) <= 3
+    assert sum(1 for _ in objsize.traverse_bfs(as_tuple)) > 3000
+    assert arrived == as_tuple and list(arrived) == pairs and len(arrived) == 3000
+    assert arrived[7] == pairs[7] and arrived[-1].established_a == pairs[-1].established_a
+    assert [p.established_a for p in arrived] == [p.established_a for p in pairs]
+    assert pickle.loads(pickle.dumps(arrived)) == arrived  # packed again as it arrived
+    assert nd.PairList() == () and not nd.PairList()
+    assert pickle.loads(pickle.dumps(pairs[3])) == pairs[3]
+
+
+def test_the_report_shows_leakage_first_then_label_noise_by_distance_and_no_more():
+    from pipelines.stats import report
+
+    leak_far = _pair("a1", "b1", "train", "test", distance=9)
+    leak_near = _pair("a2", "b2", "train", "test", distance=1)
+    noise = _pair("a3", "b3", labels_b=("y",), distance=0)
+    plain = _pair("a4", "b4", distance=0)
+    assert report.near_duplicates_shown([plain, noise, leak_far, leak_near]) == [
+        leak_near, leak_far, noise]
+    many = [_pair(f"a{i:03d}", f"b{i:03d}", "train", "test") for i in range(200)]
+    assert len(report.near_duplicates_shown(many)) == report.MAX_NEAR_DUPLICATES_SHOWN
 
 
 def test_moved_splits_follow_an_earlier_stored_image_then_the_smallest_hash():

@@ -13,7 +13,7 @@ are then checked exactly against the Hamming threshold. A key shared by more tha
 Shapes:
   UniqueImage -> Member -> one list of every Member
   -> (`find_pairs`: per band, buckets of equal keys, candidate pairs checked exactly)
-  -> one tuple of NearDuplicatePair (sha256_a < sha256_b), once however many keys agree
+  -> one PairList of NearDuplicatePair (sha256_a < sha256_b), once however many keys agree
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pickle
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -72,11 +73,71 @@ class NearDuplicatePair:
         """Possible label noise: the same picture under different labels."""
         return set(self.labels_a) != set(self.labels_b)
 
+    def __reduce__(self):
+        # The fields as a tuple: dataclass pickling calls `dataclasses.fields` per pair.
+        return NearDuplicatePair, self._row()
+
+    def _row(self) -> tuple:
+        return (self.sha256_a, self.sha256_b, self.distance, self.split_a, self.split_b,
+                self.labels_a, self.labels_b, self.established_a, self.established_b)
+
     def to_json(self) -> str:
         return json.dumps({"distance": self.distance, "labels_a": list(self.labels_a),
                            "labels_b": list(self.labels_b), "sha256_a": self.sha256_a,
                            "sha256_b": self.sha256_b, "split_a": self.split_a,
                            "split_b": self.split_b}, sort_keys=True)
+
+
+class PairList(Sequence[NearDuplicatePair]):
+    """Every pair of a run, as one value that crosses Beam's side inputs cheaply.
+
+    The pairs side input can hold tens of thousands of pairs, and Beam's state cache weighs
+    each side input it reads by walking every object in it (objsize), pair by pair and
+    string by string. A PairList pickles as one blob of plain tuples and arrives packed,
+    so the cache weighs one bytes object; the pairs are unpacked on first use.
+    """
+
+    __slots__ = ("_pairs", "_packed")
+
+    def __init__(self, pairs: Iterable[NearDuplicatePair] = ()):
+        self._pairs: tuple[NearDuplicatePair, ...] | None = tuple(pairs)
+        self._packed: bytes | None = None
+
+    @classmethod
+    def _from_packed(cls, packed: bytes) -> PairList:
+        pair_list = cls.__new__(cls)
+        pair_list._pairs, pair_list._packed = None, packed
+        return pair_list
+
+    def __reduce__(self):
+        if self._packed is None:
+            rows = [pair._row() for pair in self._unpacked()]
+            self._packed = pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)
+        return PairList._from_packed, (self._packed,)
+
+    def _unpacked(self) -> tuple[NearDuplicatePair, ...]:
+        if self._pairs is None:
+            self._pairs = tuple(NearDuplicatePair(*row) for row in pickle.loads(self._packed))
+        return self._pairs
+
+    def __len__(self) -> int:
+        return len(self._unpacked())
+
+    def __getitem__(self, index):
+        return self._unpacked()[index]
+
+    def __iter__(self) -> Iterator[NearDuplicatePair]:
+        return iter(self._unpacked())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PairList | tuple | list):
+            return self._unpacked() == tuple(other)
+        return NotImplemented
+
+    __hash__ = None  # a sequence compared by value
+
+    def __repr__(self) -> str:
+        return f"PairList({list(self._unpacked())!r})"
 
 
 def band_keys(hashes: np.ndarray, positions: Sequence[int]) -> np.ndarray:
@@ -231,8 +292,8 @@ class KeepTogether(beam.PTransform):
 
 
 class FindNearDuplicates(beam.PTransform):
-    """UniqueImage -> one element: the tuple of every NearDuplicatePair, each once, sorted
-    by (sha256_a, sha256_b).
+    """UniqueImage -> one element: the PairList of every NearDuplicatePair, each once,
+    sorted by (sha256_a, sha256_b).
 
     The search runs in one place over every image's hash (`find_pairs`, vectorised): the
     members travel once, as one list (about 150 bytes an image on the worker that
@@ -250,5 +311,5 @@ class FindNearDuplicates(beam.PTransform):
             unique_images
             | "ToMembers" >> beam.FlatMap(lambda image: [m for m in [_member(image)] if m])
             | "CollectMembers" >> beam.combiners.ToList()
-            | "Search" >> beam.Map(lambda members: tuple(find_pairs(members, threshold)))
+            | "Search" >> beam.Map(lambda members: PairList(find_pairs(members, threshold)))
         )

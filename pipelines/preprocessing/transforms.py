@@ -80,8 +80,13 @@ class ImageMeta:
 
     def index_fields(self) -> dict:
         """The meta as an index row holds it (`from_index_row` reads it back)."""
-        return {**dataclasses.asdict(self), "channel_sums": list(self.channel_sums),
-                "channel_squared_sums": list(self.channel_squared_sums)}
+        # Field by field: `dataclasses.asdict` deep-copies, and this runs once an image.
+        return {field.name: getattr(self, field.name) for field in _IMAGE_META_FIELDS} | {
+            "channel_sums": list(self.channel_sums),
+            "channel_squared_sums": list(self.channel_squared_sums)}
+
+
+_IMAGE_META_FIELDS = dataclasses.fields(ImageMeta)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -125,8 +125,8 @@ def add_statistics(
         threshold = config.near_duplicate_threshold
         return {"statistics": stats.SerializeToString(), "anomalies": found,
                 "near_duplicates": near_duplicates.summarize(pairs, threshold),
-                "near_duplicate_anomalies": [p for p in pairs
-                                             if p.across_splits or p.across_labels],
+                # Only what the report shows: a run can have tens of thousands.
+                "near_duplicates_shown": report.near_duplicates_shown(pairs),
                 "statistics_written_s": time.time() - started}
 
     statistics = pipeline | "WriteStatistics" >> AfterAll(
@@ -166,7 +166,7 @@ def add_statistics(
             errors=[json.loads(e.to_json()) for e in errors],
             duplicates=[row for sample in duplicates for row in sample],
             near_duplicates=report.near_duplicate_rows(
-                output, written["near_duplicate_anomalies"], shard_infos),
+                output, written["near_duplicates_shown"], shard_infos),
             timings=timings,
             output=output,
         )

@@ -18,7 +18,7 @@ import dataclasses
 import io
 import json
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
@@ -385,14 +385,21 @@ def _duplicates(manifest, duplicates) -> str:
     return _section("duplicates", "".join(parts))
 
 
+def near_duplicates_shown(pairs: Iterable) -> list:
+    """The pairs the report shows: the first MAX_NEAR_DUPLICATES_SHOWN of those across
+    splits or labels, leakage first, then by distance."""
+    anomalous = [p for p in pairs if p.across_splits or p.across_labels]
+    anomalous.sort(key=lambda p: (not p.across_splits, p.distance, p.sha256_a))
+    return anomalous[:MAX_NEAR_DUPLICATES_SHOWN]
+
+
 def near_duplicate_rows(root: str, pairs: Sequence, shard_infos: Sequence
                         ) -> list[dict]:
-    """The first MAX_NEAR_DUPLICATES_SHOWN pairs (leakage first), each with both images'
-    thumbnails, read from the written shards where the shards' index lines place them."""
+    """`near_duplicates_shown` of `pairs`, each with both images' thumbnails, read from the
+    written shards where the shards' index lines place them."""
+    pairs = near_duplicates_shown(pairs)
     if not pairs:
         return []  # nothing to show: the shards' index lines need not be parsed
-    pairs = sorted(pairs, key=lambda p: (not p.across_splits, p.distance, p.sha256_a))
-    pairs = pairs[:MAX_NEAR_DUPLICATES_SHOWN]
     wanted = {sha for pair in pairs for sha in (pair.sha256_a, pair.sha256_b)}
     places = {}
     for shard in shard_infos:
