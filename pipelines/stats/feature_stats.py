@@ -418,10 +418,14 @@ def add_near_duplicate_counts(stats, pairs: Iterable) -> None:
     pairs with an image in the split, and of those the ones across splits or labels."""
     counts: dict[str, Counter] = {}
     for pair in pairs:
+        across_splits, across_labels = pair.across_splits, pair.across_labels
         for split in {pair.split_a, pair.split_b}:
-            counts.setdefault(split, Counter()).update(
-                pairs=1, across_splits=int(pair.across_splits),
-                across_labels=int(pair.across_labels))
+            # Item by item: Counter.update(**kwargs) costs more, and runs can have
+            # tens of thousands of pairs.
+            count = counts.setdefault(split, Counter())
+            count["pairs"] += 1
+            count["across_splits"] += across_splits
+            count["across_labels"] += across_labels
     for name, dataset in split_datasets(stats).items():
         encoded = find_feature(dataset, ENCODED)
         if encoded is None:
