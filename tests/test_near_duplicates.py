@@ -3,6 +3,7 @@ transform, and the preprocess output's pairs, counts and report section."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -25,6 +26,7 @@ from pipelines.preprocessing import near_duplicates as nd
 from pipelines.preprocessing.options import DEFAULT_SPLIT_SALT
 from pipelines.preprocessing.splits import assign_split
 from pipelines.stats import feature_stats as stats_lib
+from pipelines.stats import report
 from tests.support.demo_data import SOURCES, _load_photo
 
 THRESHOLD = nd.DEFAULT_THRESHOLD
@@ -179,16 +181,17 @@ def test_preprocess_lists_planted_near_duplicates_counts_them_and_shows_leakage(
 
 
 def _pair(a, b, split_a="train", split_b="train", labels_a=("x",), labels_b=("x",),
-          distance=3, established_a=False):
+          distance=3, established_a=False, established_b=False):
     return nd.NearDuplicatePair(a, b, distance, split_a, split_b, labels_a, labels_b,
-                                established_a)
+                                established_a, established_b)
 
 
 def test_a_pair_list_crosses_pickling_whole_and_weighs_little_in_beams_state_cache():
     import objsize  # what Beam's state cache weighs side inputs with
 
     pairs = [_pair(f"{i:064x}", f"{i + 1:064x}", "train", ["train", "test"][i % 2],
-                   ("x",), (("x",), ("y",))[i % 3 == 0], i % 13, established_a=i % 5 == 0)
+                   ("x",), (("x",), ("y",))[i % 3 == 0], i % 13, established_a=i % 5 == 0,
+                   established_b=i % 7 == 0)
              for i in range(3000)]
     as_tuple = tuple(pairs)
     arrived = pickle.loads(pickle.dumps(nd.PairList(pairs)))
@@ -198,15 +201,17 @@ def test_a_pair_list_crosses_pickling_whole_and_weighs_little_in_beams_state_cac
     assert sum(1 for _ in objsize.traverse_bfs(as_tuple)) > 3000
     assert arrived == as_tuple and list(arrived) == pairs and len(arrived) == 3000
     assert arrived[7] == pairs[7] and arrived[-1].established_a == pairs[-1].established_a
-    assert [p.established_a for p in arrived] == [p.established_a for p in pairs]
+    assert ([(p.established_a, p.established_b) for p in arrived]
+            == [(p.established_a, p.established_b) for p in pairs])
+    # The packed row is every field in declaration order.
+    assert pairs[5]._row() == tuple(getattr(pairs[5], field.name)
+                                    for field in dataclasses.fields(nd.NearDuplicatePair))
     assert pickle.loads(pickle.dumps(arrived)) == arrived  # packed again as it arrived
     assert nd.PairList() == () and not nd.PairList()
     assert pickle.loads(pickle.dumps(pairs[3])) == pairs[3]
 
 
 def test_the_report_shows_leakage_first_then_label_noise_by_distance_and_no_more():
-    from pipelines.stats import report
-
     leak_far = _pair("a1", "b1", "train", "test", distance=9)
     leak_near = _pair("a2", "b2", "train", "test", distance=1)
     noise = _pair("a3", "b3", labels_b=("y",), distance=0)
@@ -215,6 +220,21 @@ def test_the_report_shows_leakage_first_then_label_noise_by_distance_and_no_more
         leak_near, leak_far, noise]
     many = [_pair(f"a{i:03d}", f"b{i:03d}", "train", "test") for i in range(200)]
     assert len(report.near_duplicates_shown(many)) == report.MAX_NEAR_DUPLICATES_SHOWN
+
+
+@pytest.mark.parametrize("count", [3, report.MAX_NEAR_DUPLICATES_SHOWN,
+                                   report.MAX_NEAR_DUPLICATES_SHOWN + 1])
+def test_the_report_says_only_the_first_pairs_are_shown_when_some_are_not(count):
+    report_max = report.MAX_NEAR_DUPLICATES_SHOWN
+    # Every pair is across splits and across labels: counted once, not twice.
+    pairs = [_pair(f"a{i:03d}", f"b{i:03d}", "train", "test", labels_b=("y",))
+             for i in range(count)]
+    rows = [{**json.loads(p.to_json()), "across_splits": True, "across_labels": True,
+             "thumbnail_a": "", "thumbnail_b": ""} for p in report.near_duplicates_shown(pairs)]
+    manifest = SimpleNamespace(near_duplicates=nd.summarize(pairs, THRESHOLD))
+    page = report._near_duplicates(manifest, rows)
+    assert page.count('class="thumblabel">distance') == min(count, report_max)
+    assert ("are shown" in page) == (count > report_max)
 
 
 def test_moved_splits_follow_an_earlier_stored_image_then_the_smallest_hash():

@@ -389,7 +389,7 @@ def near_duplicates_shown(pairs: Iterable) -> list:
     """The pairs the report shows: the first MAX_NEAR_DUPLICATES_SHOWN of those across
     splits or labels, leakage first, then by distance."""
     anomalous = [p for p in pairs if p.across_splits or p.across_labels]
-    anomalous.sort(key=lambda p: (not p.across_splits, p.distance, p.sha256_a))
+    anomalous.sort(key=lambda p: (not p.across_splits, p.distance, p.sha256_a, p.sha256_b))
     return anomalous[:MAX_NEAR_DUPLICATES_SHOWN]
 
 
@@ -449,7 +449,9 @@ def _near_duplicates(manifest, rows) -> str:
         parts.append(f'<div class="thumbrow"><div class="thumblabel">distance '
                      f'{row["distance"]}<br>{_e(kinds)}</div><div class="thumbs">{cells}'
                      "</div></div>")
-    if summary["across_splits"] + summary["across_labels"] > len(rows):
+    # A pair across splits and labels counts in both; manifests before `anomalous` lack it.
+    anomalous = summary.get("anomalous", summary["across_splits"] + summary["across_labels"])
+    if anomalous > len(rows):
         parts.append(f'<p class="muted">the first {len(rows)} are shown.</p>')
     return _section("near-duplicates", "".join(parts))
 

@@ -13,6 +13,8 @@ import sys
 BENCHMARKS = (
     ("Preprocessing vs a multiprocessing PIL loop and naive Beam; peak RSS at 1k / 4k / 16k",
      "tests.benchmarks.preprocess_throughput", []),
+    ("Preprocessing CPU by process (runner, decode workers, analysis), per further image",
+     "tests.benchmarks.preprocess_cpu", []),
     ("JPEG decode CPU per image: PIL vs simplejpeg, sources and stored shards",
      "tests.benchmarks.jpeg_decoders", []),
     ("Statistics phase share of the preprocessing run",
